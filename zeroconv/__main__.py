@@ -1,0 +1,3 @@
+from zeroconv.cli import main
+
+raise SystemExit(main())

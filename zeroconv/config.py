@@ -1,0 +1,273 @@
+"""Typed configs: one dataclass per command, each field documented; that text is the --help.
+
+`option(default, "help")` declares a field. `parse(ConfigClass, argv, prog=...)` builds the argparse parser
+from the dataclass, reads `--config FILE.yaml` first (its keys are field names), then applies the command
+line on top, so `zeroconv train --config run.yaml --learning_rate 1e-5` works. The resolved config is a plain
+dataclass: `to_dict` / `from_dict` carry it into output folders and checkpoints.
+
+Flag spelling follows diffusers' example scripts (`--train_batch_size`, not `--train-batch-size`) so their
+users change only the program name. Booleans accept `--flag` (true), `--flag true` and `--flag false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zeroconv.errors import UserError
+
+
+def option(default: Any = None, help: str = "", *, choices: list | None = None, metavar: str | None = None):
+    """A documented config field. Mutable defaults (lists) are copied per instance."""
+    meta = {"help": help, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on", "y"):
+        return True
+    if low in ("0", "false", "no", "off", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _unwrap_optional(tp):
+    """Optional[X] / X | None -> (X, True); X -> (X, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def build_parser(cls, prog: str, description: str = "", positional: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """An argparse parser whose options are `cls`'s fields; help text is the field's doc plus its default.
+
+    Fields named in `positional` become positional arguments (required, no default shown)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="YAML file of option values (keys are the option names); flags given on the command "
+                        "line override it. The resolved config is saved beside every output. (default: none)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _optional = _unwrap_optional(hints[f.name])
+        default = _field_default(f)
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default!r})".replace("%", "%%")}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar=kwargs.get("metavar", "BOOL"))
+        elif origin is list:
+            (item_tp,) = typing.get_args(tp) or (str,)
+            kwargs.update(type=item_tp, nargs="+")
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            kwargs["type"] = str
+        if f.name in positional:
+            kwargs.pop("dest")
+            kwargs["help"] = help_text
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, **kwargs)
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def from_dict(cls, values: dict, source: str = "config"):
+    """Build `cls` from a dict, refusing unknown keys (naming them and the closest known ones)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise UserError(f"{source}: unknown option(s): {', '.join(hints)}")
+    hints_t = typing.get_type_hints(cls)
+    coerced = {}
+    for key, value in values.items():
+        tp, _ = _unwrap_optional(hints_t[key])
+        if value is not None and tp is bool:
+            try:
+                value = parse_bool(value)
+            except argparse.ArgumentTypeError as exc:
+                raise UserError(f"{source}: {key}: {exc}") from None
+        elif value is not None and typing.get_origin(tp) is list and not isinstance(value, list):
+            value = [value]
+        elif value is not None and tp in (int, float):
+            try:
+                value = tp(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: {key}: expected {tp.__name__}, got {value!r}") from None
+        coerced[key] = value
+    return cls(**coerced)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def parse(cls, argv: list[str] | None, prog: str, description: str = "", positional: tuple[str, ...] = ()):
+    """Parse `argv` into a `cls` instance: dataclass defaults < --config YAML < command-line flags."""
+    parser = build_parser(cls, prog, description, positional)
+    ns = parser.parse_args(argv)
+    cli_values = vars(ns)
+    config_path = cli_values.pop("config", None)
+    values = load_yaml(config_path) if config_path else {}
+    values.update(cli_values)
+    return from_dict(cls, values, source=f"--config {config_path}" if config_path else prog)
+
+
+def save_yaml(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# zeroconv train. The first block is diffusers' examples/controlnet/train_controlnet.py, same names and meanings,
+# so `accelerate launch -m zeroconv train <their flags>` runs where their script did.
+# ---------------------------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    # --- model -------------------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = option(
+        None, "Base SD 1.x/2.x model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or 'toy' for "
+        "the toy base shipped with zeroconv. Required.")
+    controlnet_model_name_or_path: str | None = option(
+        None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
+    revision: str | None = option(None, "Revision (branch, tag or commit) of the base model on the hub.")
+    variant: str | None = option(None, "Variant of the base weights to load, e.g. 'fp16'.")
+    tokenizer_name: str | None = option(None, "Tokenizer to use instead of the base model's.")
+    cache_dir: str | None = option(None, "Where downloaded models and datasets are stored.")
+    sd_locked: bool = option(
+        True, "Keep the base UNet's decoder frozen (the paper's default). 'false' also trains the decoder (up_blocks, "
+        "conv_norm_out, conv_out) at --decoder_learning_rate; risky on small data.")
+    decoder_learning_rate: float = option(2e-6, "Learning rate of the UNet decoder when --sd_locked false.")
+    only_mid_control: bool = option(
+        False, "Feed only the middle-block residual to the UNet (the paper's small-scale mode, ~1.6x faster).")
+    conditioning_channels: int = option(3, "Channels of the conditioning image: 1 (grayscale), 3 (RGB), 4 (RGBA).",
+                                        choices=[1, 3, 4])
+    # --- output and checkpoints -------------------------------------------------------------------------------
+    output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
+    seed: int | None = option(None, "Seed for reproducible training (weights init, data order, noise).")
+    checkpointing_steps: int = option(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = option(
+        None, "Keep at most this many checkpoints; older ones are deleted after a new one is complete.")
+    resume_from_checkpoint: str | None = option(
+        None, "Resume from a checkpoint folder, or 'latest' for the newest complete one in output_dir.")
+    # --- data --------------------------------------------------------------------------------------------------
+    dataset_name: str | None = option(
+        None, "A `datasets` dataset: hub id, local dataset script or folder, or a save_to_disk folder.")
+    dataset_config_name: str | None = option(None, "Config name of the dataset, if it has several.")
+    train_data_dir: str | None = option(
+        None, "A local folder: imagefolder layout (metadata.jsonl with file_name, conditioning_image_file_name, "
+        "text), Fill50K layout (prompt.json, source/, target/) or kohya pair (images/ + conditioning/ + .txt).")
+    image_column: str = option("image", "Dataset column holding the target image.")
+    conditioning_image_column: str = option("conditioning_image", "Dataset column holding the conditioning image.")
+    caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
+    max_train_samples: int | None = option(None, "Use only the first N examples (debugging, quick runs).")
+    resolution: int = option(512, "Training resolution: shorter side resized to it, then center-cropped square. "
+                             "Must be divisible by 8.")
+    random_flip: bool = option(False, "Randomly flip image and condition horizontally together.")
+    proportion_empty_prompts: float = option(
+        0.5, "Fraction of captions replaced by '' during training. The paper uses 0.5 (it teaches the ControlNet to "
+        "read the condition without a prompt); diffusers' script defaults to 0.")
+    dataloader_num_workers: int = option(0, "Data loader worker processes; 0 loads in the main process.")
+    strict_data: bool = option(False, "Stop at the first unreadable sample instead of skipping it with a warning.")
+    condition: str | None = option(
+        None, "Compute the conditioning image on the fly from the target image with this extractor (e.g. canny), "
+        "for datasets that have only images.")
+    cache: str = option("off", "Precomputed latents/text embeddings: auto (build or reuse), off, only (build and "
+                        "exit).", choices=["auto", "off", "only"])
+    # --- optimisation ------------------------------------------------------------------------------------------
+    train_batch_size: int = option(4, "Batch size per device.")
+    num_train_epochs: int = option(1, "Epochs to train; ignored when --max_train_steps is set.")
+    max_train_steps: int | None = option(None, "Total optimizer steps; overrides --num_train_epochs.")
+    gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step (effective batch = "
+                                              "batch size x accumulation x processes).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory (slower).")
+    learning_rate: float = option(5e-6, "Learning rate of the ControlNet (after warm-up).")
+    scale_lr: bool = option(False, "Multiply the learning rate by processes x accumulation x batch size.")
+    lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    lr_warmup_steps: int = option(500, "Warm-up steps of the learning-rate schedule.")
+    lr_num_cycles: int = option(1, "Hard restarts of cosine_with_restarts.")
+    lr_power: float = option(1.0, "Power of the polynomial schedule.")
+    use_8bit_adam: bool = option(False, "8-bit AdamW from bitsandbytes (CUDA only): less optimizer memory.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value.")
+    max_nonfinite_steps: int = option(
+        10, "Stop (with a checkpoint of the last good state) after this many NaN/inf steps in a row.")
+    mixed_precision: str | None = option(
+        None, "Mixed precision: no, fp16 or bf16 (default: accelerate's config). fp16 falls back to fp32 on CPU "
+        "with a warning.", choices=["no", "fp16", "bf16"])
+    allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact).")
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "Use xformers attention; without xformers (or on CPU) zeroconv warns and uses PyTorch SDPA.")
+    set_grads_to_none: bool = option(False, "Free gradients between steps instead of zeroing them (saves memory).")
+    # --- validation and logging --------------------------------------------------------------------------------
+    validation_prompt: list[str] | None = option(
+        None, "Prompts for validation; pair one-to-one with --validation_image, or give one for all.")
+    validation_image: list[str] | None = option(
+        None, "Conditioning images for validation; pair one-to-one with --validation_prompt, or give one for all.")
+    num_validation_images: int = option(4, "Images generated per (prompt, condition) pair at each validation.")
+    validation_steps: int = option(100, "Validate every N optimizer steps.")
+    validation_inference_steps: int = option(20, "Denoising steps of each validation sample.")
+    logging_dir: str = option("logs", "TensorBoard log folder, relative to output_dir.")
+    report_to: str = option("tensorboard", "Tracker: tensorboard, wandb, comet_ml, all, or none.")
+    tracker_project_name: str = option("train_controlnet", "Project name given to the tracker.")
+    logging_steps: int = option(10, "Read the loss back from the device and log it every N steps.")
+    # --- sharing -----------------------------------------------------------------------------------------------
+    push_to_hub: bool = option(False, "Upload the final model and its card to the Hub (checked before training).")
+    hub_token: str | None = option(None, "Hub token (default: the one saved by `huggingface-cli login`).")
+    hub_model_id: str | None = option(None, "Hub repository id to push to (default: the output_dir name).")

@@ -1,0 +1,160 @@
+"""Tiny, seeded, offline SD bases for tests: a complete diffusers folder built in code in about a second.
+
+`make_tiny_base(dir, prediction_type="epsilon"|"v_prediction", flavor="sd15"|"sd21")` writes
+unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json; StableDiffusionPipeline
+.from_pretrained(dir) loads it. The shapes follow SD (4 latent channels, VAE downsampling 8x, cross
+attention on a CLIP text encoder), only narrow: the code paths are SD's, the cost is not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = ["red", "green", "blue", "circle", "square", "background", "with", "a", "photo", "of"]
+
+
+def tiny_unet(flavor: str = "sd15", sample_size: int = 8):
+    from diffusers import UNet2DConditionModel
+
+    sd21 = flavor == "sd21"
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if sd21 else 4,
+        use_linear_projection=sd21,
+        norm_num_groups=8,
+    )
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # Four blocks = three 2x downsamplings: the 8x latent grid of SD, so the ControlNet's condition encoder
+    # keeps its SD shape too.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+
+
+def tiny_text_encoder(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        projection_dim=32,
+    )
+    return CLIPTextModel(config)
+
+
+def sd_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import PNDMScheduler
+
+    # SD 1.x/2.x ship a PNDM scheduler config; training reads it as DDPM, sampling swaps in another.
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def make_tiny_base(out_dir: str | Path, prediction_type: str = "epsilon", flavor: str = "sd15", seed: int = 0) -> Path:
+    """Write a complete tiny SD base (diffusers layout) to `out_dir`; returns the path."""
+    from diffusers import StableDiffusionPipeline
+
+    from zeroconv.models.tokenizer import write_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(out_dir / "tokenizer", TINY_WORDS)
+    text_encoder = tiny_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(flavor),
+        scheduler=sd_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_image_dataset(out_dir: str | Path, n: int = 8, size: int = 64, layout: str = "imagefolder", seed: int = 0) -> Path:
+    """Write `n` (image, condition, caption) triples of colored squares in one of the supported layouts.
+
+    layout: "imagefolder" (metadata.jsonl), "fill50k" (prompt.json), "kohya" (images/ + conditioning/ + .txt)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    rows = []
+    for i in range(n):
+        name = list(colors)[i % 3]
+        x0, y0 = rng.integers(0, size // 2, 2)
+        w = int(rng.integers(size // 4, size // 2))
+        img = np.full((size, size, 3), 240, np.uint8)
+        img[y0:y0 + w, x0:x0 + w] = colors[name]
+        cond = np.zeros((size, size, 3), np.uint8)
+        cond[y0:y0 + w, x0:x0 + w] = 255
+        rows.append((f"{i:04d}.png", Image.fromarray(img), Image.fromarray(cond), f"a {name} square"))
+    if layout == "imagefolder":
+        (out_dir / "conditioning").mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "metadata.jsonl", "w") as fh:
+            for fname, img, cond, text in rows:
+                img.save(out_dir / fname)
+                cond.save(out_dir / "conditioning" / fname)
+                fh.write(json.dumps({"file_name": fname, "conditioning_image_file_name": f"conditioning/{fname}",
+                                     "text": text}) + "\n")
+    elif layout == "fill50k":
+        (out_dir / "source").mkdir(parents=True, exist_ok=True)
+        (out_dir / "target").mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "prompt.json", "w") as fh:
+            for fname, img, cond, text in rows:
+                img.save(out_dir / "target" / fname)
+                cond.save(out_dir / "source" / fname)
+                fh.write(json.dumps({"source": f"source/{fname}", "target": f"target/{fname}", "prompt": text}) + "\n")
+    elif layout == "kohya":
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        (out_dir / "conditioning").mkdir(parents=True, exist_ok=True)
+        for fname, img, cond, text in rows:
+            img.save(out_dir / "images" / fname)
+            (out_dir / "images" / fname).with_suffix(".txt").write_text(text)
+            cond.save(out_dir / "conditioning" / fname)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return out_dir
