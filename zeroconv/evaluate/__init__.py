@@ -1,0 +1,1 @@
+"""Controllability: does a generated image follow its condition? Metrics compare a condition with a generation."""
