@@ -263,6 +263,11 @@ class TrainConfig:
     num_validation_images: int = option(4, "Images generated per (prompt, condition) pair at each validation.")
     validation_steps: int = option(100, "Validate every N optimizer steps.")
     validation_inference_steps: int = option(20, "Denoising steps of each validation sample.")
+    validation_guidance_scale: float = option(7.5, "Classifier-free guidance scale of validation samples.")
+    validation_metric: str | None = option(
+        None, "Controllability metric computed on every validation sample against its condition (e.g. canny, "
+        "fill); written to metrics.jsonl and the tracker, so you see control being learned step by step. Default: "
+        "the --condition extractor's metric when --condition is set.")
     logging_dir: str = option("logs", "TensorBoard log folder, relative to output_dir.")
     report_to: str = option("tensorboard", "Tracker: tensorboard, wandb, comet_ml, all, or none.")
     tracker_project_name: str = option("train_controlnet", "Project name given to the tracker.")

@@ -1,0 +1,67 @@
+"""The ControlNet: a trainable copy of the base UNet's encoder, joined to the frozen UNet by zero convolutions.
+
+`build_controlnet` copies the encoder (diffusers' ControlNetModel.from_unet) with a condition encoder as deep as
+the VAE: an image-space condition must land on the latent grid, so it downsamples by the VAE's factor (8x for SD,
+three stride-2 convs; the paper's 16-32-96-256 channels). `predict_noise` is the joined forward pass used by
+training; the pipelines of diffusers do the same at sampling time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The paper's condition encoder widths for SD's 8x VAE; shallower VAEs (the toy base) take a prefix.
+PAPER_CONDITION_CHANNELS = (16, 32, 96, 256)
+
+
+def condition_encoder_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    downsamplings = int(round(math.log2(vae_scale_factor)))
+    if 2**downsamplings != vae_scale_factor or not 1 <= downsamplings <= 3:
+        raise ValueError(f"VAE scale factor {vae_scale_factor} is not 2, 4 or 8")
+    return PAPER_CONDITION_CHANNELS[: downsamplings + 1]
+
+
+def build_controlnet(unet, vae_scale_factor: int = 8, conditioning_channels: int = 3):
+    """A fresh ControlNet whose encoder is a copy of `unet`'s and whose zero convs output exactly zero."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(
+        unet,
+        conditioning_embedding_out_channels=condition_encoder_channels(vae_scale_factor),
+        conditioning_channels=conditioning_channels,
+    )
+
+
+def predict_noise(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, controlnet_cond,
+                  only_mid_control: bool = False):
+    """The base UNet's prediction with the ControlNet's residuals added (all 13, or only the middle one)."""
+    down_residuals, mid_residual = controlnet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=controlnet_cond,
+        return_dict=False,
+    )
+    if only_mid_control:
+        # The down zero convs then get no gradient and stay exactly zero, so the saved model behaves the same in
+        # any pipeline that adds all residuals.
+        down_residuals = None
+    dtype = noisy_latents.dtype if unet.dtype == torch.float32 else unet.dtype
+    return unet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states.to(dtype),
+        down_block_additional_residuals=None if down_residuals is None else [r.to(dtype) for r in down_residuals],
+        mid_block_additional_residual=mid_residual.to(dtype),
+        return_dict=False,
+    )[0]
+
+
+# The UNet decoder: what `--sd_locked false` trains (the paper's sd_locked=False).
+DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
+def decoder_parameters(unet):
+    return [p for name, p in unet.named_parameters() if name.startswith(DECODER_PREFIXES)]

@@ -1,0 +1,187 @@
+"""`zeroconv sample`: base + ControlNet + condition image(s) + prompt(s) -> PNGs (and a samples.jsonl record).
+
+Pairs come from --image/--prompt (diffusers' pairing rule: equal counts, or one of either), from a folder of
+condition images (--folder, one --prompt for all, or a .txt beside each image), or from a JSONL of
+{"condition": path, "prompt": text} lines (--jsonl). Image k of every pair uses seed + k.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zeroconv.config import option, parse
+from zeroconv.errors import UserError
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class SampleConfig:
+    controlnet: str | None = option(None, "Trained ControlNet: a diffusers folder (a zeroconv output_dir), a "
+                                    "checkpoint-N folder, or a hub id. Required.")
+    pretrained_model_name_or_path: str | None = option(
+        None, "Base SD model (folder, hub id, single file, or 'toy'). Default: the base recorded in the ControlNet's "
+        "training config.")
+    image: list[str] | None = option(None, "Condition image(s).")
+    prompt: list[str] | None = option(None, "Prompt(s).")
+    folder: str | None = option(None, "A folder of condition images (prompt from --prompt or a .txt beside each).")
+    jsonl: str | None = option(None, "A JSONL file of {\"condition\": path, \"prompt\": text} lines.")
+    out: str = option("samples", "Output folder for PNGs and samples.jsonl.")
+    negative_prompt: str | None = option(None, "Negative prompt.")
+    num_images: int = option(1, "Images per (condition, prompt) pair.")
+    steps: int = option(20, "Denoising steps.")
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale (the paper uses 9.0).")
+    controlnet_conditioning_scale: float = option(1.0, "Multiplier of the ControlNet residuals.")
+    guess_mode: bool = option(False, "Guess mode: control on the conditional branch only, residuals scaled "
+                              "0.825**(12-i); use with an empty prompt.")
+    scheduler: str = option("unipc", "Sampler.", choices=list(SCHEDULERS))
+    seed: int = option(0, "Seed; image k of each pair uses seed + k.")
+    resolution: int | None = option(None, "Output size (square). Default: the training resolution, else 512.")
+    device: str | None = option(None, "cuda, cpu, mps... Default: cuda if available, else cpu.")
+    dtype: str = option("auto", "Weights dtype: auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16, fp32.",
+                        choices=["auto", "fp16", "bf16", "fp32"])
+
+
+def collect_pairs(cfg: SampleConfig) -> list[tuple[str, str]]:
+    from zeroconv.train.validate import validation_pairs
+
+    if cfg.jsonl:
+        path = Path(cfg.jsonl)
+        if not path.is_file():
+            raise UserError(f"--jsonl {path}: no such file")
+        pairs = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                cond = Path(row["condition"])
+                pairs.append((str(cond if cond.is_absolute() else path.parent / cond), row.get("prompt", "")))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"--jsonl {path} line {n}: expected {{\"condition\": path, \"prompt\": text}}") from None
+    elif cfg.folder:
+        folder = Path(cfg.folder)
+        if not folder.is_dir():
+            raise UserError(f"--folder {folder}: no such folder")
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UserError(f"--folder {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        pairs = []
+        for image in images:
+            caption = image.with_suffix(".txt")
+            if caption.is_file():
+                prompt = caption.read_text().strip()
+            elif cfg.prompt and len(cfg.prompt) == 1:
+                prompt = cfg.prompt[0]
+            else:
+                raise UserError(f"--folder {folder}: {image.name} has no .txt caption beside it; give one --prompt")
+            pairs.append((str(image), prompt))
+    else:
+        if not cfg.image:
+            raise UserError("give condition images with --image, --folder or --jsonl")
+        pairs = validation_pairs(cfg.prompt or [""], cfg.image)
+    for image, _ in pairs:
+        if not Path(image).is_file():
+            raise UserError(f"condition image {image}: no such file")
+    return pairs
+
+
+def read_training_config(controlnet: str) -> dict:
+    """The config of the run that trained this ControlNet, if it is a zeroconv output (or checkpoint) folder."""
+    import yaml
+
+    path = Path(controlnet)
+    for candidate in (path / "config.yaml", path.parent / "config.yaml"):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text()) or {}
+    return {}
+
+
+def load_controlnet(path: str):
+    from diffusers import ControlNetModel
+
+    folder = Path(path)
+    if (folder / "controlnet" / "config.json").is_file():  # a checkpoint-N folder
+        folder = folder / "controlnet"
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise UserError(f"--controlnet {path}: no config.json; expected a diffusers ControlNet folder, a zeroconv "
+                        "output_dir or checkpoint (use `zeroconv import` for a single file)")
+    return ControlNetModel.from_pretrained(str(folder) if folder.exists() else path)
+
+
+def build_sampling_pipeline(base_name: str, controlnet, scheduler: str, device: str, dtype: torch.dtype):
+    import diffusers
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from zeroconv.models.base import load_base
+
+    base = load_base(base_name)
+    class_name, extra = SCHEDULERS[scheduler]
+    sampler = getattr(diffusers, class_name).from_config(base.noise_scheduler.config, **extra)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, controlnet=controlnet,
+        scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(device, dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
+    from zeroconv.models.base import check_base_arg
+    from zeroconv.train.validate import load_condition
+
+    cfg = parse(SampleConfig, argv, prog="zeroconv sample", description=__doc__)
+    if not cfg.controlnet:
+        raise UserError("--controlnet is required (a trained ControlNet folder)")
+    if not Path(cfg.controlnet).exists():
+        check_base_arg(cfg.controlnet, flag="--controlnet")
+    trained = read_training_config(cfg.controlnet)
+    base_name = cfg.pretrained_model_name_or_path or trained.get("pretrained_model_name_or_path")
+    if not base_name:
+        raise UserError("--pretrained_model_name_or_path is required: the ControlNet folder does not record its base")
+    check_base_arg(base_name)
+    resolution = cfg.resolution or trained.get("resolution") or 512
+    if resolution % 8:
+        raise UserError(f"--resolution {resolution}: must be divisible by 8")
+    pairs = collect_pairs(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        cfg.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
+
+    controlnet = load_controlnet(cfg.controlnet)
+    channels = controlnet.config.conditioning_channels
+    pipe = build_sampling_pipeline(base_name, controlnet, cfg.scheduler, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    with tqdm(total=len(pairs) * cfg.num_images, desc="sample") as bar:
+        for i, (image_path, prompt) in enumerate(pairs):
+            cond = load_condition(image_path, resolution, channels).to(device, dtype)
+            for k in range(cfg.num_images):
+                generator = torch.Generator(device="cpu").manual_seed(cfg.seed + k)
+                image = pipe(prompt, image=cond, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                             negative_prompt=cfg.negative_prompt, generator=generator,
+                             controlnet_conditioning_scale=cfg.controlnet_conditioning_scale,
+                             guess_mode=cfg.guess_mode, height=resolution, width=resolution).images[0]
+                name = f"{i:05d}_{k}.png"
+                image.save(out / name)
+                records.append({"image": name, "condition": str(Path(image_path).resolve()), "prompt": prompt,
+                                "seed": cfg.seed + k})
+                bar.update(1)
+    with open(out / "samples.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"{len(records)} images written to {out}")
+    return 0

@@ -1,0 +1,61 @@
+"""From a batch to the UNet's inputs: latents drawn from the VAE posterior, caption embeddings with dropout.
+
+Two sources give the same numbers: `LiveEncoders` runs the frozen VAE and text encoder on every batch;
+a latent cache (zeroconv.data.cache) stores the posterior's mean and std and the embeddings once, and draws
+the latent sample with the same generator calls, so a seeded run is the same with or without the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float,
+                   shift_factor: float | None = None) -> torch.Tensor:
+    """A fresh sample of the VAE posterior, exactly as DiagonalGaussianDistribution.sample draws it."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    latents = mean + std * noise
+    if shift_factor is not None:
+        latents = latents - shift_factor
+    return latents * scaling_factor
+
+
+def drop_captions(embeds: torch.Tensor, empty_embed: torch.Tensor, proportion: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Replace a random `proportion` of caption embeddings by the empty prompt's, without a host sync."""
+    if proportion <= 0:
+        return embeds
+    keep = torch.rand(embeds.shape[0], generator=generator, device=generator.device) >= proportion
+    keep = keep.to(embeds.device).view(-1, *([1] * (embeds.dim() - 1)))
+    return torch.where(keep, embeds, empty_embed.to(embeds.dtype).expand_as(embeds))
+
+
+class LiveEncoders:
+    """Runs the frozen VAE and text encoder on each batch (no cache)."""
+
+    def __init__(self, vae, text_encoder, tokenizer, device, weight_dtype):
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.device, self.weight_dtype = device, weight_dtype
+        self.empty_embed = self.encode_prompts([""])  # constant: the text encoder is frozen
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, max_length=self.tokenizer.model_max_length, padding="max_length",
+                              truncation=True, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenize(captions).to(self.device)
+        return self.text_encoder(ids, return_dict=False)[0].to(self.weight_dtype)
+
+    @torch.no_grad()
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        pixels = batch["pixel_values"].to(self.device, self.weight_dtype, non_blocking=True)
+        posterior = self.vae.encode(pixels).latent_dist
+        config = self.vae.config
+        return sample_latents(posterior.mean, posterior.std, generator, config.scaling_factor,
+                              getattr(config, "shift_factor", None))
+
+    def prompt_embeds(self, batch: dict) -> torch.Tensor:
+        return self.encode_prompts(batch["caption"])

@@ -1,0 +1,115 @@
+"""The training loop. Everything it needs is built by zeroconv.train.run; this file only trains.
+
+One iteration is one optimizer step: fetch the micro-batches, forward, backward, check the result is finite,
+clip, step, log, checkpoint, validate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zeroconv.errors import EXIT_NONFINITE, EXIT_OK
+from zeroconv.models.controlnet import predict_noise
+from zeroconv.train.inputs import drop_captions
+
+logger = logging.getLogger("zeroconv.train")
+
+
+def compute_loss(t, batch) -> torch.Tensor:
+    """The SD noise-prediction loss with the ControlNet's residuals added to the frozen UNet."""
+    latents = t.encoders.latents(batch, t.generator).float()
+    noise = torch.randn(latents.shape, generator=t.generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=t.generator, device=latents.device).long()
+    noisy_latents = t.noise_scheduler.add_noise(latents, noise, timesteps)
+    prompt_embeds = t.encoders.prompt_embeds(batch)
+    # The paper drops half the prompts so the ControlNet learns to read the condition alone.
+    prompt_embeds = drop_captions(prompt_embeds, t.encoders.empty_embed, t.cfg.proportion_empty_prompts,
+                                    t.generator)
+    cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
+    with t.accelerator.autocast():
+        pred = predict_noise(t.unet, t.controlnet, noisy_latents, timesteps, prompt_embeds, cond,
+                             only_mid_control=t.cfg.only_mid_control)
+    if t.noise_scheduler.config.prediction_type == "v_prediction":
+        target = t.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def train_loop(t) -> int:
+    """Optimizer steps from t.state.global_step to t.max_train_steps. Returns the process exit code."""
+    cfg, state, accelerator = t.cfg, t.state, t.accelerator
+    loss_sum, loss_count, tick, samples = torch.zeros((), device=t.device), 0, time.perf_counter(), 0
+    while state.global_step < t.max_train_steps:
+        # fetch, forward, backward: gradient_accumulation_steps micro-batches make one step
+        step_loss = torch.zeros((), device=t.device)
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(t.batches)
+            state.skipped_samples += int(batch["skipped"])
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(t.controlnet):
+                loss = compute_loss(t, batch) / cfg.gradient_accumulation_steps
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+            samples += batch["pixel_values"].shape[0] * accelerator.num_processes
+        # finite check and clip: a NaN/inf loss or gradient skips the update and leaves the weights untouched
+        grad_norm = accelerator.clip_grad_norm_(t.trainable_params, cfg.max_grad_norm)
+        finite = torch.isfinite(step_loss)
+        if accelerator.scaler is None:  # with fp16 the grad scaler skips inf-gradient steps itself
+            finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
+        finite = bool(finite)  # the one host sync of a step
+        if finite:
+            t.optimizer.step()
+            state.nonfinite_in_a_row = 0
+            loss_sum += step_loss
+            loss_count += 1
+        else:
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_log.append(state.global_step + 1)
+            logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
+                           state.global_step + 1, state.nonfinite_in_a_row)
+        t.lr_scheduler.step()
+        t.optimizer.zero_grad(set_to_none=cfg.set_grads_to_none)
+        state.global_step += 1
+        t.progress.update(1)
+
+        # log: the loss is read back from the device only here
+        if state.global_step % cfg.logging_steps == 0 or state.global_step == t.max_train_steps:
+            elapsed = time.perf_counter() - tick
+            mean_loss = (loss_sum / max(loss_count, 1)).item() if loss_count else float("nan")
+            t.log_step({"loss": mean_loss, "lr": t.lr_scheduler.get_last_lr()[0],
+                        "samples_per_s": samples / max(elapsed, 1e-9), "skipped_samples": state.skipped_samples,
+                        "nonfinite_steps": state.nonfinite_steps})
+            loss_sum, loss_count, tick, samples = torch.zeros((), device=t.device), 0, time.perf_counter(), 0
+
+        if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            t.save_checkpoint()  # the weights are still those of the last good step
+            logger.error("stopping: %d non-finite steps in a row, the last at step %d; the last good state is in "
+                         "the checkpoint. Lower --learning_rate, check the data, or try --mixed_precision bf16",
+                         state.nonfinite_in_a_row, state.global_step)
+            return EXIT_NONFINITE
+        if state.global_step % cfg.checkpointing_steps == 0:
+            t.save_checkpoint()
+        if t.validation_due(state.global_step):
+            t.validate()
+        if t.stop_signal is not None:
+            t.save_checkpoint()
+            logger.warning("received %s: checkpoint of step %d written; resume with --resume_from_checkpoint "
+                           "latest", t.stop_signal.name, state.global_step)
+            return 128 + int(t.stop_signal)
+    return EXIT_OK
+
+
+def steps_for(num_batches_per_epoch: int, accumulation: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of the run: --max_train_steps, else epochs x ceil(batches / accumulation)."""
+    if max_steps is not None:
+        return max_steps
+    return epochs * math.ceil(num_batches_per_epoch / accumulation)
