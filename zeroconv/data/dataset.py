@@ -1,0 +1,120 @@
+"""The training Dataset: rows of `Examples` through a `PairedTransform`, with per-sample draws that resume exactly.
+
+The flip of sample i in epoch e, and which caption of a list it gets, come from a generator seeded by
+(seed, e, i): the same whatever the worker count, the batch order or where a run was resumed.
+
+Bad data does not stop a run: an unreadable, truncated or empty file is replaced by the next readable index
+(i+1, i+2, ... wrapping), so every batch keeps its shape; one log line names the file and the reason, and the
+item's "skipped" counts the replacements (the loop sums them). `strict_data=True` raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from zeroconv.data.sources import Example, Examples, source_label
+from zeroconv.data.transforms import PairedTransform
+from zeroconv.errors import UserError
+
+logger = logging.getLogger("zeroconv.data")
+
+# What a broken image file raises in PIL (and in datasets' decoder): not a bug of ours, a sample to skip.
+DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, struct.error, zlib.error)
+
+
+class BadSample(Exception):
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"{label}: {reason}")
+        self.label, self.reason = label, reason
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class ControlNetDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: Examples, transform: PairedTransform, seed: int = 0, random_flip: bool = False,
+                 strict_data: bool = False, condition_fn: Callable[[Image.Image], Image.Image] | None = None):
+        self.examples, self.transform = examples, transform
+        self.seed, self.random_flip, self.strict_data = seed, random_flip, strict_data
+        self.condition_fn = condition_fn
+        self.epoch = 0
+        self.reported: set[int] = set()  # bad indices already logged by this process
+        if condition_fn is None and len(examples) and examples[0].conditioning_image is None:
+            raise UserError("the dataset has no conditioning images; compute them with --condition")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def draws(self, index: int) -> tuple[bool, float]:
+        """(flip, caption draw in [0, 1)) of sample `index` in the current epoch."""
+        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index])
+        flip_draw, caption_draw = rng.random(2)
+        return bool(self.random_flip and flip_draw < 0.5), float(caption_draw)
+
+    def __getitem__(self, index: int) -> dict:
+        flip, caption_draw = self.draws(index)
+        first_failure = None
+        for skipped in range(len(self)):
+            j = (index + skipped) % len(self)
+            example = self.examples[j]
+            try:
+                pixel_values, conditioning_pixel_values = self.load(example, flip)
+            except BadSample as bad:
+                if self.strict_data:
+                    raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
+                                    "or drop --strict_data to skip such samples") from None
+                if j not in self.reported:
+                    self.reported.add(j)
+                    logger.warning("skipping unreadable sample %s (%s)", bad.label, bad.reason)
+                first_failure = first_failure or bad
+                continue
+            return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning_pixel_values,
+                    "caption": pick_caption(example.caption, caption_draw), "index": j, "skipped": skipped}
+        raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
+                        "check the dataset's image files")
+
+    def load(self, example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            image = example.open_image()
+        except DATA_ERRORS as exc:
+            raise BadSample(source_label(example.image) or f"{example.name} image", describe(exc)) from exc
+        if self.condition_fn is not None:
+            image = self.transform.fit_image(image)
+            condition = self.condition_fn(image)
+        else:
+            try:
+                condition = example.open_conditioning_image()
+            except DATA_ERRORS as exc:
+                label = source_label(example.conditioning_image) or f"{example.name} conditioning image"
+                raise BadSample(label, describe(exc)) from exc
+        try:
+            return self.transform(image, condition, flip)
+        except DATA_ERRORS as exc:  # modes PIL cannot convert, images too small to crop
+            raise BadSample(example.name, describe(exc)) from exc
+
+
+def pick_caption(caption: str | list[str], draw: float) -> str:
+    if isinstance(caption, str):
+        return caption
+    return caption[int(draw * len(caption))] if caption else ""
+
+
+def collate(batch: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in batch]),
+        "caption": [item["caption"] for item in batch],
+        "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+        "skipped": sum(item["skipped"] for item in batch),
+    }

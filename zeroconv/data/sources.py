@@ -1,0 +1,484 @@
+"""Where training triples come from: (target image, conditioning image, caption) rows of any supported source.
+
+`load_examples(cfg)` detects the source from --train_data_dir or --dataset_name and returns `Examples`, a
+sequence of `Example`s whose images are only decoded when asked for (`example.open_image()`), so listing 50k
+rows costs a metadata read, not 100k image decodes. Sources:
+
+- imagefolder layout (diffusers' `train_data_dir`): metadata.jsonl (or .csv) with file_name,
+  conditioning_image_file_name and text. As in `datasets`' imagefolder, `file_name` is the column `image` and
+  `X_file_name` the column `X`, so --image_column/--conditioning_image_column/--caption_column mean the same
+  here as with diffusers' script. `zeroconv prepare` writes this layout.
+- Fill50K layout: prompt.json lines {"source", "target", "prompt"} with source/ and target/ folders.
+- kohya pair: images/ and conditioning/ matched by file stem, caption in images/<stem>.txt or .caption.
+- `datasets`: a save_to_disk folder (load_from_disk), or anything `datasets.load_dataset` reads (hub id,
+  local script, data folder).
+
+`check_data_args(cfg)` runs every check possible before a model loads; each failure is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from zeroconv.errors import UserError
+
+logger = logging.getLogger("zeroconv.data")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+# A path, a PIL image, raw bytes, or a `datasets` image value ({"bytes", "path"}).
+ImageSource = Any
+
+
+def open_image(source: ImageSource) -> Image.Image:
+    """Decode an image source fully, so a truncated or corrupt file fails here and not later in a transform."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        image = Image.open(source)
+    elif isinstance(source, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(source))
+    elif isinstance(source, dict):
+        import datasets
+
+        # datasets' own decoder: it also reads hub-relative paths of not-yet-downloaded files
+        return datasets.Image().decode_example(source)
+    else:
+        raise ValueError(f"not an image: {type(source).__name__}")
+    image.load()
+    return image
+
+
+def source_label(source: ImageSource) -> str | None:
+    """The file behind an image source, for messages; None for in-memory images."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, dict) and source.get("path"):
+        return str(source["path"])
+    return None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row. `image`/`conditioning_image` are sources, decoded by `open_image()`.
+
+    conditioning_image is None when the condition is computed from the image (--condition)."""
+
+    image: ImageSource
+    conditioning_image: ImageSource | None
+    caption: str | list[str]
+    name: str
+
+    def open_image(self) -> Image.Image:
+        return open_image(self.image)
+
+    def open_conditioning_image(self) -> Image.Image | None:
+        return None if self.conditioning_image is None else open_image(self.conditioning_image)
+
+
+class Examples(Sequence):
+    """The rows of a source: `len()`, `examples[i] -> Example`, `fingerprint()`, `description`."""
+
+    description: str = ""
+
+    def fingerprint(self) -> str:
+        """A stable hash of what the rows are (files and their sizes/mtimes, or the `datasets` fingerprint),
+        the columns read and max_train_samples: a latent cache keyed by it goes stale when the data changes."""
+        raise NotImplementedError
+
+
+class FileExamples(Examples):
+    """Rows listed from a local layout: (image path, conditioning path or None, caption, name)."""
+
+    def __init__(self, rows: list[Example], identity: dict, description: str):
+        self.rows, self.identity, self.description = rows, identity, description
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.rows[index]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode())
+        for row in self.rows:
+            for path in (row.image, row.conditioning_image):
+                if path is None:
+                    digest.update(b"-")
+                    continue
+                stat = os.stat(path)
+                digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(json.dumps(row.caption).encode())
+        return digest.hexdigest()[:32]
+
+
+class DatasetExamples(Examples):
+    """Rows of a `datasets.Dataset`; image columns are read undecoded and decoded on `open_image()`."""
+
+    def __init__(self, dataset, image_column: str, conditioning_column: str | None, caption_column: str,
+                 identity: dict, description: str):
+        import datasets
+
+        for column in (image_column, conditioning_column):
+            if column is not None and isinstance(dataset.features[column], datasets.Image):
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset.select_columns([c for c in (image_column, conditioning_column, caption_column) if c])
+        self.image_column, self.conditioning_column, self.caption_column = image_column, conditioning_column, \
+            caption_column
+        self.identity, self.description = identity, description
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Example:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        row = self.dataset[index]
+        cond = row[self.conditioning_column] if self.conditioning_column else None
+        return Example(row[self.image_column], cond, caption_value(row[self.caption_column]), f"row {index}")
+
+    def fingerprint(self) -> str:
+        identity = dict(self.identity, dataset_fingerprint=self.dataset._fingerprint)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def caption_value(value) -> str | list[str]:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return str(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks and entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_data_args(cfg) -> None:
+    """Every data check possible before a model loads: flags, paths, columns, missing files, validation pairs."""
+    check_data_flags(cfg)
+    open_source(cfg)
+
+
+def load_examples(cfg) -> Examples:
+    """The training rows named by cfg (a TrainConfig), first `max_train_samples` of them."""
+    check_data_flags(cfg)
+    examples = open_source(cfg)
+    logger.info("training data: %s, %d examples", examples.description, len(examples))
+    return examples
+
+
+def check_data_flags(cfg) -> None:
+    from zeroconv.train.validate import validation_pairs
+
+    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
+        which = "both" if cfg.dataset_name else "neither"
+        raise UserError(f"{which} of --dataset_name and --train_data_dir given; give exactly one (a local folder "
+                        "goes to --train_data_dir, a hub id or save_to_disk folder to --dataset_name)")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE's latent grid); "
+                        f"try {max(8, cfg.resolution // 8 * 8)}")
+    if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:
+        raise UserError(f"--proportion_empty_prompts {cfg.proportion_empty_prompts}: must be between 0 and 1")
+    if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
+        raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
+    if cfg.conditioning_channels not in (1, 3, 4):
+        raise UserError(f"--conditioning_channels {cfg.conditioning_channels}: must be 1, 3 or 4")
+    for image, _prompt in validation_pairs(cfg.validation_prompt, cfg.validation_image):
+        if not Path(image).is_file():
+            raise UserError(f"--validation_image {image}: no such file")
+
+
+def open_source(cfg) -> Examples:
+    if cfg.train_data_dir:
+        folder = Path(cfg.train_data_dir)
+        if not folder.is_dir():
+            raise UserError(f"--train_data_dir {folder}: no such folder")
+        examples = open_local_folder(folder, cfg, "--train_data_dir")
+    else:
+        folder = Path(cfg.dataset_name).expanduser()
+        if folder.is_dir():
+            examples = open_local_folder(folder, cfg, "--dataset_name")
+        elif looks_like_path(cfg.dataset_name):
+            raise UserError(f"--dataset_name {cfg.dataset_name}: no such folder (a hub id looks like owner/name)")
+        else:
+            examples = open_hub_dataset(cfg)
+    if len(examples) == 0:
+        raise UserError(f"{flag_of(cfg)} {cfg.train_data_dir or cfg.dataset_name}: no examples found "
+                        f"({examples.description})")
+    return examples
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name) or "\\" in name
+
+
+def flag_of(cfg) -> str:
+    return "--train_data_dir" if cfg.train_data_dir else "--dataset_name"
+
+
+def is_save_to_disk_folder(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def open_local_folder(folder: Path, cfg, flag: str) -> Examples:
+    for metadata in [folder / name for name in METADATA_FILES] + [folder / "train" / n for n in METADATA_FILES]:
+        if metadata.is_file():
+            return read_imagefolder(metadata, cfg, flag)
+    if (folder / "prompt.json").is_file():
+        return read_fill50k(folder / "prompt.json", cfg, flag)
+    if is_save_to_disk_folder(folder):
+        return read_saved_dataset(folder, cfg, flag)
+    if (folder / "images").is_dir():
+        cond_dir = folder / "conditioning"
+        if not cond_dir.is_dir() and not cfg.condition:
+            raise UserError(f"{flag} {folder}: images/ has no conditioning/ folder beside it; add conditioning/ "
+                            "with one image per stem, or compute conditions with --condition")
+        return read_kohya(folder / "images", None if cfg.condition else cond_dir, cfg, flag)
+    if cfg.condition and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        return read_kohya(folder, None, cfg, flag)  # images with captions beside them, conditions computed
+    if cfg.train_data_dir:
+        return open_with_load_dataset(str(folder), None, cfg, flag)
+    return open_with_load_dataset(str(folder), cfg.dataset_config_name, cfg, flag)
+
+
+def identity_of(cfg, layout: str, columns: dict) -> dict:
+    return {"layout": layout, "columns": columns, "max_train_samples": cfg.max_train_samples}
+
+
+def first_n(rows: list, cfg) -> list:
+    return rows[: cfg.max_train_samples] if cfg.max_train_samples else rows
+
+
+def unknown_column(flag_name: str, column: str, available: list[str], where: str, hint: str = "") -> UserError:
+    return UserError(f"--{flag_name} {column}: no such column in {where}; columns are: {', '.join(available)}"
+                     f"{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_metadata_rows(metadata: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a metadata.jsonl or metadata.csv."""
+    if metadata.suffix == ".csv":
+        with open(metadata, newline="", encoding="utf-8") as fh:
+            return [(n, row) for n, row in enumerate(csv.DictReader(fh), start=2)]
+    rows = []
+    with open(metadata, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{metadata} line {n}: not valid JSON ({exc.msg}); one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{metadata} line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+    return rows
+
+
+def imagefolder_column_name(key: str) -> str:
+    """The column `datasets`' imagefolder makes of a metadata key: file_name -> image, X_file_name -> X."""
+    if key == "file_name":
+        return "image"
+    return key[: -len("_file_name")] if key.endswith("_file_name") else key
+
+
+def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
+    rows = first_n(read_metadata_rows(metadata), cfg)
+    root = metadata.parent
+    keys: list[str] = []
+    for _, row in rows:
+        keys += [k for k in row if k not in keys]
+    columns = {imagefolder_column_name(key): key for key in keys}
+    visible = list(columns)
+    columns.update({key: key for key in keys if key not in columns})  # the raw keys are accepted too
+    where = str(metadata)
+
+    def key_for(flag_name: str, column: str, hint: str = "") -> str:
+        if column not in columns:
+            raise unknown_column(flag_name, column, visible, where, hint)
+        return columns[column]
+
+    image_key = key_for("image_column", cfg.image_column)
+    cond_key = None
+    if not cfg.condition:
+        cond_key = key_for("conditioning_image_column", cfg.conditioning_image_column,
+                           " (or compute the condition from the image with --condition)")
+    caption_key = key_for("caption_column", cfg.caption_column)
+    examples = []
+    for line, row in rows:
+        paths = []
+        for key in (image_key, cond_key):
+            if key is None:
+                paths.append(None)
+                continue
+            if not row.get(key):
+                raise UserError(f"{metadata} line {line}: no {key!r}; every row needs one")
+            path = root / row[key]
+            if not path.is_file():
+                raise UserError(f"{metadata} line {line}: {key} {row[key]} not found at {path}; fix the row or "
+                                "remove it")
+            paths.append(str(path))
+        examples.append(Example(paths[0], paths[1], caption_value(row.get(caption_key)), paths[0]))
+    columns_used = {"image": image_key, "conditioning": cond_key, "caption": caption_key}
+    return FileExamples(examples, identity_of(cfg, "imagefolder", columns_used), f"imagefolder layout {metadata}")
+
+
+def read_fill50k(prompt_file: Path, cfg, flag: str) -> Examples:
+    """Fill50K's prompt.json: one JSON object per line (a single JSON list is read too)."""
+    text = prompt_file.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), start=1))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{prompt_file}: not valid JSON ({exc.msg})") from None
+    else:
+        rows = read_metadata_rows(prompt_file)
+    rows = first_n(rows, cfg)
+    root = prompt_file.parent
+    examples = []
+    for line, row in rows:
+        missing = [k for k in ("target", "prompt") + (() if cfg.condition else ("source",)) if k not in row]
+        if missing:
+            raise UserError(f"{prompt_file} line {line}: missing {', '.join(missing)}; Fill50K rows have source, "
+                            "target and prompt")
+        paths = []
+        for key in ("target", None if cfg.condition else "source"):
+            if key is None:
+                paths.append(None)
+                continue
+            path = root / row[key]
+            if not path.is_file():
+                raise UserError(f"{prompt_file} line {line}: {key} {row[key]} not found at {path}")
+            paths.append(str(path))
+        examples.append(Example(paths[0], paths[1], caption_value(row["prompt"]), paths[0]))
+    return FileExamples(examples, identity_of(cfg, "fill50k", {}), f"Fill50K layout {prompt_file}")
+
+
+def images_by_stem(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        if path.stem in found:
+            raise UserError(f"{folder}: two images share the stem {path.stem!r} ({found[path.stem].name}, "
+                            f"{path.name}); keep one")
+        found[path.stem] = path
+    return found
+
+
+def read_kohya(images_dir: Path, cond_dir: Path | None, cfg, flag: str) -> Examples:
+    images = images_by_stem(images_dir)
+    conditions = images_by_stem(cond_dir) if cond_dir is not None else {}
+    stems = first_n(sorted(images), cfg)
+    examples, uncaptioned = [], 0
+    for stem in stems:
+        image = images[stem]
+        cond = None
+        if cond_dir is not None:
+            if stem not in conditions:
+                raise UserError(f"{flag}: {image} has no conditioning image {cond_dir}/{stem}.* (any of "
+                                f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)}); add it or remove the image")
+            cond = str(conditions[stem])
+        caption = ""
+        for suffix in CAPTION_SUFFIXES:
+            caption_file = image.with_suffix(suffix)
+            if caption_file.is_file():
+                caption = caption_file.read_text(encoding="utf-8").strip()
+                break
+        else:
+            uncaptioned += 1
+        examples.append(Example(str(image), cond, caption, str(image)))
+    if uncaptioned:
+        logger.warning("%d of %d images in %s have no .txt/.caption file; their caption is empty", uncaptioned,
+                       len(stems), images_dir)
+    layout = "kohya" if cond_dir is not None else "images"
+    return FileExamples(examples, identity_of(cfg, layout, {}), f"{layout} layout {images_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `datasets` sources
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_saved_dataset(folder: Path, cfg, flag: str) -> Examples:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"{flag} {folder}: cannot read the save_to_disk folder ({exc})") from None
+    return from_dataset(train_split(dataset, f"{flag} {folder}"), cfg, f"{flag} {folder}", f"saved dataset {folder}")
+
+
+def open_hub_dataset(cfg) -> Examples:
+    return open_with_load_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg, "--dataset_name")
+
+
+def open_with_load_dataset(name: str, config_name: str | None, cfg, flag: str) -> Examples:
+    import datasets
+
+    where = f"{flag} {name}"
+    try:
+        dataset = datasets.load_dataset(name, config_name, cache_dir=cfg.cache_dir)
+    except ConnectionError as exc:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise UserError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set; download it once online "
+                            "(unset HF_HUB_OFFLINE) or give a local folder") from None
+        raise UserError(f"{where}: cannot reach the Hub ({exc})") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise UserError(f"{where}: no such dataset on the Hub or on disk; check the id, or pass a local folder "
+                        "(imagefolder, Fill50K, kohya or save_to_disk layout)") from None
+    except (FileNotFoundError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: cannot load it with datasets ({first_line}); supported local layouts: "
+                        "metadata.jsonl, prompt.json (Fill50K), images/ + conditioning/ (kohya), save_to_disk")
+    return from_dataset(train_split(dataset, where), cfg, where, f"datasets {name}")
+
+
+def train_split(dataset, where: str):
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, dict)):
+        if "train" not in dataset:
+            raise UserError(f"{where}: no 'train' split; splits are: {', '.join(dataset)}")
+        dataset = dataset["train"]
+    if not isinstance(dataset, datasets.Dataset):
+        raise UserError(f"{where}: expected a map-style dataset, got {type(dataset).__name__}")
+    return dataset
+
+
+def from_dataset(dataset, cfg, where: str, description: str) -> Examples:
+    available = list(dataset.column_names)
+
+    def check(flag_name: str, column: str, hint: str = "") -> str:
+        if column not in available:
+            raise unknown_column(flag_name, column, available, where, hint)
+        return column
+
+    image = check("image_column", cfg.image_column)
+    cond = None
+    if not cfg.condition:
+        cond = check("conditioning_image_column", cfg.conditioning_image_column,
+                     " (or compute the condition from the image with --condition)")
+    caption = check("caption_column", cfg.caption_column)
+    if cfg.max_train_samples and cfg.max_train_samples < len(dataset):
+        dataset = dataset.select(range(cfg.max_train_samples))
+    identity = identity_of(cfg, "datasets", {"image": image, "conditioning": cond, "caption": caption})
+    return DatasetExamples(dataset, image, cond, caption, identity, description)
