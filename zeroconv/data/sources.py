@@ -302,6 +302,8 @@ def imagefolder_column_name(key: str) -> str:
 
 def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
     rows = first_n(read_metadata_rows(metadata), cfg)
+    if not rows:
+        return FileExamples([], identity_of(cfg, "imagefolder", {}), f"{metadata} has no rows")
     root = metadata.parent
     keys: list[str] = []
     for _, row in rows:
