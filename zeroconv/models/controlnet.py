@@ -45,15 +45,15 @@ def predict_noise(unet, controlnet, noisy_latents, timesteps, encoder_hidden_sta
         return_dict=False,
     )
     if only_mid_control:
-        # The down zero convs then get no gradient and stay exactly zero, so the saved model behaves the same in
-        # any pipeline that adds all residuals.
-        down_residuals = None
+        # Zeros, not None: diffusers' UNet ignores the mid residual when the down ones are missing. The down zero
+        # convs then get no gradient and stay exactly zero, so the saved model behaves the same in any pipeline.
+        down_residuals = [torch.zeros_like(r) for r in down_residuals]
     dtype = noisy_latents.dtype if unet.dtype == torch.float32 else unet.dtype
     return unet(
         noisy_latents.to(dtype),
         timesteps,
         encoder_hidden_states=encoder_hidden_states.to(dtype),
-        down_block_additional_residuals=None if down_residuals is None else [r.to(dtype) for r in down_residuals],
+        down_block_additional_residuals=[r.to(dtype) for r in down_residuals],
         mid_block_additional_residual=mid_residual.to(dtype),
         return_dict=False,
     )[0]

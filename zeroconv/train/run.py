@@ -143,6 +143,7 @@ class Trainer:
     weight_dtype: torch.dtype
     identity: dict
     validation_pairs: list
+    dataset: Any = None
     metric_fn: Callable | None = None
     evaluator: Callable | None = None
     progress: Any = None
@@ -341,9 +342,12 @@ def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> Trainer:
             p.requires_grad_(True)
         unet.train()
     # frozen weights in the training dtype; trained ones keep fp32 master weights
-    unet.to(accelerator.device, dtype=torch.float32 if decoder_params else weight_dtype)
-    base.vae.to(accelerator.device, dtype=weight_dtype)
-    base.text_encoder.to(accelerator.device, dtype=weight_dtype)
+    frozen_dtype = {unet: torch.float32 if decoder_params else weight_dtype, base.vae: weight_dtype,
+                    base.text_encoder: weight_dtype}
+    for module, dtype in frozen_dtype.items():
+        module.to(accelerator.device)
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
     controlnet.to(accelerator.device)
 
     lr_scale = (cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
@@ -393,7 +397,7 @@ def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> Trainer:
                       encoders=encoders, noise_scheduler=base.noise_scheduler, optimizer=optimizer,
                       lr_scheduler=lr_scheduler, trainable_params=controlnet_params + decoder_params,
                       generator=generator, state=state, batches=batches, max_train_steps=max_train_steps,
-                      weight_dtype=weight_dtype, identity=identity, validation_pairs=pairs, metric_fn=metric_fn,
+                      weight_dtype=weight_dtype, identity=identity, validation_pairs=pairs, dataset=dataset, metric_fn=metric_fn,
                       evaluator=evaluator)
     if accelerator.is_main_process:
         from zeroconv.config import save_yaml

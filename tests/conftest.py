@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny seeded SD bases and datasets, built once per session in a temp folder."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    from zeroconv.testing import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("tiny_base"), prediction_type="epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_v(tmp_path_factory):
+    from zeroconv.testing import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("tiny_base_v"), prediction_type="v_prediction", flavor="sd21")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from zeroconv.testing import make_image_dataset
+
+    return make_image_dataset(tmp_path_factory.mktemp("tiny_data"), n=32, size=64, layout="imagefolder")

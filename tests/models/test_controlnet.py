@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from zeroconv.models.base import load_base
+from zeroconv.models.controlnet import build_controlnet, condition_encoder_channels, predict_noise
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base):
+    return load_base(str(tiny_base))
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=g),
+            torch.rand(2, 3, 64, 64, generator=g))
+
+
+def test_untrained_controlnet_leaves_base_prediction_bit_identical(base):
+    controlnet = build_controlnet(base.unet, base.vae_scale_factor)
+    x, t, h, c = inputs()
+    with torch.no_grad():
+        joined = predict_noise(base.unet, controlnet, x, t, h, c)
+        alone = base.unet(x, t, encoder_hidden_states=h).sample
+    assert torch.equal(joined, alone)
+
+
+def test_trained_controlnet_changes_prediction(base):
+    controlnet = build_controlnet(base.unet, base.vae_scale_factor)
+    with torch.no_grad():
+        for conv in controlnet.controlnet_down_blocks:
+            conv.weight.normal_(0, 0.1)
+    x, t, h, c = inputs()
+    with torch.no_grad():
+        assert not torch.equal(predict_noise(base.unet, controlnet, x, t, h, c),
+                               base.unet(x, t, encoder_hidden_states=h).sample)
+
+
+def test_only_mid_control_passes_no_down_residuals(base, monkeypatch):
+    controlnet = build_controlnet(base.unet, base.vae_scale_factor)
+    seen = {}
+    original = base.unet.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(base.unet, "forward", spy)
+    x, t, h, c = inputs()
+    predict_noise(base.unet, controlnet, x, t, h, c, only_mid_control=True)
+    down = seen["down_block_additional_residuals"]
+    assert all(torch.count_nonzero(r) == 0 and r.grad_fn is None for r in down)
+    assert seen["mid_block_additional_residual"] is not None
+    with torch.no_grad():
+        predict_noise(base.unet, controlnet, x, t, h, c, only_mid_control=False)
+    assert len(seen["down_block_additional_residuals"]) == len(controlnet.controlnet_down_blocks)
+
+
+def test_condition_encoder_matches_vae_downsampling():
+    assert condition_encoder_channels(8) == (16, 32, 96, 256)
+    assert condition_encoder_channels(4) == (16, 32, 96)
+    with pytest.raises(ValueError):
+        condition_encoder_channels(6)
+
+
+def test_condition_reaches_latent_grid(base):
+    controlnet = build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels=1)
+    x, t, h, _ = inputs()
+    down, mid = controlnet(x, t, encoder_hidden_states=h, controlnet_cond=torch.rand(2, 1, 64, 64), return_dict=False)
+    assert down[0].shape[-2:] == x.shape[-2:]

@@ -1,0 +1,42 @@
+"""Run zeroconv training in-process on tiny bases, and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zeroconv.config import TrainConfig
+
+
+def tiny_config(base, data, out, **overrides) -> TrainConfig:
+    values = dict(
+        pretrained_model_name_or_path=str(base), train_data_dir=str(data), output_dir=str(out), resolution=64,
+        train_batch_size=4, learning_rate=1e-4, lr_warmup_steps=0, seed=7, checkpointing_steps=1000,
+        validation_steps=1000, report_to="none", logging_steps=1, max_train_steps=4,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_training(cfg: TrainConfig, evaluator=None) -> int:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from zeroconv.train.run import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return train(cfg, evaluator)
+
+
+def losses(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def controlnet_weights(folder):
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / "controlnet").is_dir():
+        folder = folder / "controlnet"
+    return load_file(folder / "diffusion_pytorch_model.safetensors")

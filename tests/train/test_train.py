@@ -1,0 +1,128 @@
+"""End-to-end training on tiny bases (issue 2)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.helpers import controlnet_weights, losses, run_training, tiny_config
+from zeroconv.errors import UserError
+
+
+def test_train_checkpoint_resume_and_pipeline(tiny_base, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_base, tiny_dataset, out, max_train_steps=20, checkpointing_steps=10,
+                      checkpoints_total_limit=1)
+    assert run_training(cfg) == 0
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-20"]  # limit 1: checkpoint-10 pruned after checkpoint-20 was complete
+    assert (out / "checkpoint-20" / "COMPLETE").is_file()
+
+    cfg = tiny_config(tiny_base, tiny_dataset, out, max_train_steps=30, checkpointing_steps=10,
+                      checkpoints_total_limit=1, resume_from_checkpoint="latest")
+    assert run_training(cfg) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-30"]
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 30
+    assert min(losses(out)) == 1  # first run logged steps 1..20, the resumed one 21..30
+    assert set(losses(out)) == set(range(1, 31))
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    controlnet = ControlNetModel.from_pretrained(out)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_base, controlnet=controlnet, safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    cond = Image.open(next(Path(tiny_dataset, "conditioning").glob("*.png")))
+    image = pipe("a red square", image=cond, num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_training_lowers_loss_on_fixed_batch(tiny_base, tiny_dataset, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from zeroconv.data.dataset import collate
+    from zeroconv.train.loop import compute_loss, train_loop
+    from zeroconv.train.run import setup
+
+    def fixed_batch_loss(t):
+        batch = collate([t.dataset[i] for i in range(8)])
+        saved = t.generator.get_state()
+        t.generator.manual_seed(1234)  # same noise and timesteps before and after training
+        with torch.no_grad():
+            value = compute_loss(t, batch).item()
+        t.generator.set_state(saved)
+        return value
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "run", max_train_steps=60, learning_rate=5e-4,
+                      proportion_empty_prompts=0.0)
+    trainer = setup(cfg)
+    before = fixed_batch_loss(trainer)
+    assert train_loop(trainer) == 0
+    after = fixed_batch_loss(trainer)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_v_prediction_base_trains(tiny_base_v, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run_training(tiny_config(tiny_base_v, tiny_dataset, out, max_train_steps=2)) == 0
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_sd_unlocked_trains_decoder_only(tiny_base, tiny_dataset, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_base, tiny_dataset, out, max_train_steps=3, sd_locked=False, decoder_learning_rate=1e-3)
+    assert run_training(cfg) == 0
+    before = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(out / "unet_decoder").state_dict()
+    decoder = ("up_blocks.", "conv_norm_out.", "conv_out.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "the decoder did not change"
+    assert all(k.startswith(decoder) for k in changed), sorted(k for k in changed if not k.startswith(decoder))[:5]
+
+
+def test_only_mid_control_keeps_down_zero_convs_zero(tiny_base, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert run_training(tiny_config(tiny_base, tiny_dataset, out, max_train_steps=3, only_mid_control=True)) == 0
+    weights = controlnet_weights(out)
+    assert all(torch.count_nonzero(v) == 0 for k, v in weights.items() if k.startswith("controlnet_down_blocks."))
+    assert torch.count_nonzero(weights["controlnet_mid_block.weight"]) > 0
+
+
+@pytest.mark.parametrize("override, needle", [
+    (dict(pretrained_model_name_or_path="/nonexistent/base"), "--pretrained_model_name_or_path"),
+    (dict(pretrained_model_name_or_path="someone/some-model"), "offline"),
+    (dict(resolution=60), "--resolution"),
+    (dict(caption_column="prompt"), "prompt"),
+    (dict(validation_prompt=["a", "b"], validation_image=["x.png", "y.png", "z.png"]), "pair"),
+    (dict(validation_prompt=["a"]), "--validation_image"),
+    (dict(output_dir="/proc/zeroconv-cannot-write"), "--output_dir"),
+    (dict(condition="no-such-extractor"), "no-such-extractor"),
+])
+def test_bad_input_fails_before_model_load(tiny_base, tiny_dataset, tmp_path, override, needle, monkeypatch):
+    import zeroconv.models.base as base_module
+
+    monkeypatch.setattr(base_module, "load_base", lambda *a, **k: pytest.fail("model loaded before checks"))
+    cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "run", **override)
+    with pytest.raises(UserError, match=None) as info:
+        from zeroconv.train.run import preflight
+
+        preflight(cfg)
+    assert needle in str(info.value)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "zeroconv", "train", "--pretrained_model_name_or_path",
+                           str(tmp_path / "missing"), "--train_data_dir", str(tmp_path)],
+                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "--pretrained_model_name_or_path" in proc.stderr
