@@ -14,6 +14,16 @@ from zeroconv.errors import UserError
 
 METRICS: dict[str, str] = {
     # name -> "module:function"; each module's author adds its line here.
+    "fill": "zeroconv.evaluate.fill:fill_metrics",
+    "canny": "zeroconv.evaluate.controllability:canny_f1",
+    "scribble": "zeroconv.evaluate.controllability:scribble_f1",
+    "softedge": "zeroconv.evaluate.controllability:softedge_ssim",
+    "lineart": "zeroconv.evaluate.controllability:lineart_ssim",
+    "grayscale": "zeroconv.evaluate.controllability:grayscale_similarity",
+    "blur": "zeroconv.evaluate.controllability:blur_similarity",
+    "palette": "zeroconv.evaluate.controllability:palette_similarity",
+    "depth": "zeroconv.evaluate.controllability:depth_rmse",
+    "segmentation": "zeroconv.evaluate.controllability:segmentation_miou",
 }
 
 
