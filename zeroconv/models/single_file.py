@@ -197,12 +197,17 @@ def vae_scale_factor_of(checkpoint: dict) -> int:
     return 2 ** (levels - 1)
 
 
+def config_json(config) -> str:
+    """A diffusers config as JSON, without its bookkeeping keys (_name_or_path may be a Path)."""
+    return json.dumps({key: value for key, value in dict(config).items() if not key.startswith("_")})
+
+
 def sd_metadata(unet, vae, text_encoder, prediction_type: str) -> dict:
     """safetensors metadata for a zeroconv-written SD file: exact diffusers configs, and ModelSpec's
     prediction type (what A1111 and ComfyUI read to pick epsilon or v)."""
     return {"format": "pt", "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
-            CONFIG_METADATA["unet"]: json.dumps(dict(unet.config)),
-            CONFIG_METADATA["vae"]: json.dumps(dict(vae.config)),
+            CONFIG_METADATA["unet"]: config_json(unet.config),
+            CONFIG_METADATA["vae"]: config_json(vae.config),
             CONFIG_METADATA["text_encoder"]: json.dumps(text_encoder.config.to_diff_dict())}
 
 
@@ -242,7 +247,7 @@ def save_combined(path: str | Path, control_state_dict: dict, control_config: di
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: the combined SD + ControlNet file is written as .safetensors; change the suffix")
     control = formats.controlnet_to_original(control_state_dict, control_config, prefix=formats.CONTROL_PREFIX)
-    control_metadata = {CONFIG_METADATA["controlnet"]: json.dumps(dict(control_config))}
+    control_metadata = {CONFIG_METADATA["controlnet"]: config_json(control_config)}
     folder = resolve_base(base)
     if original is not None or Path(folder).is_file():
         checkpoint, metadata = original if original is not None else read_checkpoint(folder)
@@ -251,7 +256,7 @@ def save_combined(path: str | Path, control_state_dict: dict, control_config: di
         if unet is not None:
             tensors = {key: value for key, value in tensors.items() if not key.startswith(formats.UNET_PREFIX)}
             tensors.update(formats.unet_to_original(unet.state_dict(), unet.config))
-            metadata[CONFIG_METADATA["unet"]] = json.dumps(dict(unet.config))
+            metadata[CONFIG_METADATA["unet"]] = config_json(unet.config)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(_cast({**tensors, **control}, dtype), str(path), metadata=metadata)
         return path
