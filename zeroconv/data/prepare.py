@@ -121,6 +121,19 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), f"{mode} -> RGB"
 
 
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
+
+
+def has_image_signature(path: Path) -> bool:
+    """Whether the file starts like an image file (so an undecodable one is corrupt, not something else)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    return head.startswith(SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def load_photo(path: Path) -> tuple[Image.Image, list[str]]:
     """The photo as upright 8-bit RGB and the conversions applied; Skip for anything that is not a usable image."""
     try:
@@ -138,6 +151,8 @@ def load_photo(path: Path) -> tuple[Image.Image, list[str]]:
         if orientation not in (1, None):
             notes.append(f"EXIF orientation {orientation} applied")
     except UnidentifiedImageError:
+        if has_image_signature(path):
+            raise Skip("corrupt", "corrupt image (its header is unreadable)") from None
         raise Skip("not_image", "not an image (unrecognized file format)") from None
     except Image.DecompressionBombError as exc:
         raise Skip("too_large", f"too large to decode safely ({exc})") from None
