@@ -270,16 +270,14 @@ def make_optimizer(cfg: TrainConfig, controlnet_params: list, decoder_params: li
 
 
 def run_identity(cfg: TrainConfig, base, controlnet) -> dict:
-    """What a checkpoint must share with the run that resumes it."""
-    return {
-        "base": cfg.pretrained_model_name_or_path,
-        "base_unet_config": json.dumps(dict(base.unet.config), sort_keys=True, default=str),
-        "resolution": cfg.resolution,
-        "controlnet_config": json.dumps(dict(controlnet.config), sort_keys=True, default=str),
-        "sd_locked": cfg.sd_locked,
-        "only_mid_control": cfg.only_mid_control,
-        "conditioning_channels": cfg.conditioning_channels,
-    }
+    """What a checkpoint must share with the run that resumes it, flat so a mismatch names the exact key."""
+    identity = {"base": cfg.pretrained_model_name_or_path, "resolution": cfg.resolution, "sd_locked": cfg.sd_locked,
+                "only_mid_control": cfg.only_mid_control, "conditioning_channels": cfg.conditioning_channels}
+    for prefix, config in (("base_unet", base.unet.config), ("controlnet", controlnet.config)):
+        for key, value in config.items():
+            if not key.startswith("_"):
+                identity[f"{prefix}.{key}"] = json.loads(json.dumps(value, default=str))
+    return identity
 
 
 def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> Trainer:
