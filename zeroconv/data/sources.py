@@ -119,7 +119,7 @@ class FileExamples(Examples):
                     digest.update(b"-")
                     continue
                 stat = os.stat(path)
-                digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
             digest.update(json.dumps(row.caption).encode())
         return digest.hexdigest()[:32]
 
@@ -207,11 +207,11 @@ def open_source(cfg) -> Examples:
         folder = Path(cfg.train_data_dir)
         if not folder.is_dir():
             raise UserError(f"--train_data_dir {folder}: no such folder")
-        examples = open_local_folder(folder, cfg, "--train_data_dir")
+        examples = open_local_folder(folder.resolve(), cfg, "--train_data_dir")
     else:
         folder = Path(cfg.dataset_name).expanduser()
         if folder.is_dir():
-            examples = open_local_folder(folder, cfg, "--dataset_name")
+            examples = open_local_folder(folder.resolve(), cfg, "--dataset_name")
         elif looks_like_path(cfg.dataset_name):
             raise UserError(f"--dataset_name {cfg.dataset_name}: no such folder (a hub id looks like owner/name)")
         else:
@@ -304,7 +304,7 @@ def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
     rows = first_n(read_metadata_rows(metadata), cfg)
     if not rows:
         return FileExamples([], identity_of(cfg, "imagefolder", {}), f"{metadata} has no rows")
-    root = metadata.parent
+    root = str(metadata.parent)
     keys: list[str] = []
     for _, row in rows:
         keys += [k for k in row if k not in keys]
@@ -326,18 +326,8 @@ def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
     caption_key = key_for("caption_column", cfg.caption_column)
     examples = []
     for line, row in rows:
-        paths = []
-        for key in (image_key, cond_key):
-            if key is None:
-                paths.append(None)
-                continue
-            if not row.get(key):
-                raise UserError(f"{metadata} line {line}: no {key!r}; every row needs one")
-            path = root / row[key]
-            if not path.is_file():
-                raise UserError(f"{metadata} line {line}: {key} {row[key]} not found at {path}; fix the row or "
-                                "remove it")
-            paths.append(str(path))
+        where = f"{metadata} line {line}"
+        paths = [None if key is None else existing_file(root, row.get(key), where, key) for key in (image_key, cond_key)]
         examples.append(Example(paths[0], paths[1], caption_value(row.get(caption_key)), paths[0]))
     columns_used = {"image": image_key, "conditioning": cond_key, "caption": caption_key}
     return FileExamples(examples, identity_of(cfg, "imagefolder", columns_used), f"imagefolder layout {metadata}")
@@ -354,24 +344,28 @@ def read_fill50k(prompt_file: Path, cfg, flag: str) -> Examples:
     else:
         rows = read_metadata_rows(prompt_file)
     rows = first_n(rows, cfg)
-    root = prompt_file.parent
+    root = str(prompt_file.parent)
     examples = []
     for line, row in rows:
         missing = [k for k in ("target", "prompt") + (() if cfg.condition else ("source",)) if k not in row]
         if missing:
             raise UserError(f"{prompt_file} line {line}: missing {', '.join(missing)}; Fill50K rows have source, "
                             "target and prompt")
-        paths = []
-        for key in ("target", None if cfg.condition else "source"):
-            if key is None:
-                paths.append(None)
-                continue
-            path = root / row[key]
-            if not path.is_file():
-                raise UserError(f"{prompt_file} line {line}: {key} {row[key]} not found at {path}")
-            paths.append(str(path))
+        where = f"{prompt_file} line {line}"
+        paths = [None if key is None else existing_file(root, row[key], where, key)
+                 for key in ("target", None if cfg.condition else "source")]
         examples.append(Example(paths[0], paths[1], caption_value(row["prompt"]), paths[0]))
     return FileExamples(examples, identity_of(cfg, "fill50k", {}), f"Fill50K layout {prompt_file}")
+
+
+def existing_file(root: str, relative: str | None, where: str, key: str) -> str:
+    """The row's file under root (os.path, not pathlib: this runs for every row of 50k-row datasets)."""
+    if not relative:
+        raise UserError(f"{where}: no {key!r}; every row needs one")
+    path = os.path.join(root, relative)
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: {key} {relative} not found at {path}; fix the row or remove it")
+    return path
 
 
 def images_by_stem(folder: Path) -> dict[str, Path]:
@@ -450,7 +444,7 @@ def open_with_load_dataset(name: str, config_name: str | None, cfg, flag: str) -
     except (FileNotFoundError, ValueError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{where}: cannot load it with datasets ({first_line}); supported local layouts: "
-                        "metadata.jsonl, prompt.json (Fill50K), images/ + conditioning/ (kohya), save_to_disk")
+                        "metadata.jsonl, prompt.json (Fill50K), images/ + conditioning/ (kohya), save_to_disk") from None
     return from_dataset(train_split(dataset, where), cfg, where, f"datasets {name}")
 
 
