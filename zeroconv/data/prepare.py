@@ -396,36 +396,44 @@ def check_config(cfg: PrepareConfig) -> None:
     get_extractor(cfg.condition, seed=cfg.seed, **parse_condition_options(cfg))  # names and options fail here
 
 
+def start_method(condition: str) -> str:
+    """fork where it is safe and available: workers start at once, with the modules already loaded. Model-based
+    conditions run torch in the workers, and torch's thread pools do not survive a fork: those spawn clean."""
+    import multiprocessing
+
+    model_based = EXTRACTORS[condition].startswith("zeroconv.data.conditions.models:")
+    return "fork" if not model_based and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def run_conditions(cfg: PrepareConfig, tasks: list[Task], lookup: CaptionLookup, done: int, total: int,
                    strict: bool) -> None:
+    import contextlib
+
     from tqdm.auto import tqdm
 
     workers = cfg.num_proc or os.cpu_count() or 1
     workers = max(1, min(workers, len(tasks)))
-    with tqdm(total=total, initial=done, desc=f"prepare {cfg.condition}", unit="img", dynamic_ncols=True) as bar:
-        def handle(record: dict) -> None:
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            import multiprocessing
+
+            context = multiprocessing.get_context(start_method(cfg.condition))
+            # the pool starts before the progress bar's monitor thread exists: nothing to fork but this thread
+            pool = stack.enter_context(context.Pool(workers, initializer=_init_worker, initargs=(cfg, lookup)))
+            chunk = max(1, min(16, len(tasks) // (workers * 8)))
+            records = pool.imap_unordered(_prepare_in_worker, tasks, chunksize=chunk)
+        else:
+            previous = cv2.getNumThreads()
+            stack.callback(cv2.setNumThreads, previous)
+            _init_worker(cfg, lookup)
+            records = (_worker.prepare(task) for task in tasks)
+        bar = stack.enter_context(tqdm(total=total, initial=done, desc=f"prepare {cfg.condition}", unit="img",
+                                       dynamic_ncols=True))
+        for record in records:
             bar.update(1)
             if strict and record["status"] == "skipped":
                 raise UserError(f"{Path(cfg.images) / record['source']}: {record['reason']} (--strict stops at the "
                                 "first bad file; fix or remove it, or drop --strict to skip bad files)")
-
-        if workers == 1 or not tasks:
-            previous = cv2.getNumThreads()
-            _init_worker(cfg, lookup)
-            try:
-                for task in tasks:
-                    handle(_worker.prepare(task))
-            finally:
-                cv2.setNumThreads(previous)
-            return
-        import multiprocessing
-
-        # spawn: workers start clean (no copy of a parent's torch threads or open models), on every platform
-        context = multiprocessing.get_context("spawn")
-        chunk = max(1, min(16, len(tasks) // (workers * 8)))
-        with context.Pool(workers, initializer=_init_worker, initargs=(cfg, lookup)) as pool:
-            for record in pool.imap_unordered(_prepare_in_worker, tasks, chunksize=chunk):
-                handle(record)
 
 
 def run_captioner(cfg: PrepareConfig, out: Path, records: dict[str, dict]) -> int:
