@@ -1,0 +1,327 @@
+"""The toy base: a small Stable Diffusion model zeroconv trains itself and ships, so the demo needs no download.
+
+It is SD in miniature, in diffusers layout: an AutoencoderKL (64 px images, 4x down to 16x16x4 latents), a
+CLIP text encoder with an offline CLIP tokenizer, a cross-attention UNet2DConditionModel and SD's noise
+schedule. `zeroconv toy-base train` pretrains it on captioned images of one colored shape ("red circle with navy
+background", squares, triangles, diamonds, at random sizes and places; zeroconv.data.synth.shapes_example), in
+two stages: the autoencoder on pixels, then UNet and text encoder together on the autoencoder's latents. So it
+knows colors and shapes from the prompt, but nothing tells it where to put them: that is the ControlNet's job.
+
+`toy_base_path()` is the shipped folder; `zeroconv toy-base path` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zeroconv.config import option, parse
+from zeroconv.errors import UserError
+
+TOY_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_base"
+RESOLUTION = 64
+VAE_SCALE_FACTOR = 4
+MAX_PROMPT_TOKENS = 32
+
+
+def toy_base_path() -> Path:
+    """The folder of the shipped toy base (diffusers layout, loads with StableDiffusionPipeline.from_pretrained)."""
+    if not (TOY_BASE_DIR / "model_index.json").is_file():
+        raise UserError(f"the toy base is missing from {TOY_BASE_DIR}; reinstall zeroconv, or make it with "
+                        f"`zeroconv toy-base train --out {TOY_BASE_DIR}`")
+    return TOY_BASE_DIR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------------------------
+
+def vocabulary() -> list[str]:
+    from zeroconv.data.synth import _CSS_WORDS, SHAPES
+
+    return sorted(set(_CSS_WORDS) | set(SHAPES) | {"with", "background", "a", "an", "and", "on", "in"})
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 3,  # three blocks: two 2x downsamplings, 64 px -> 16x16
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=(16, 32, 64),  # narrow at full resolution, where convolutions cost the most
+        layers_per_block=1,
+        latent_channels=4,
+        # GroupNorm takes its statistics over each image, which hides a flat image's absolute color; one group
+        # keeps all channels together, and with it the colors came right after about 1000 steps here.
+        norm_num_groups=1,
+        sample_size=RESOLUTION,
+        mid_block_add_attention=False,  # flat shapes need no global attention; it would only cost time
+    )
+    # Start the posterior nearly deterministic (std ~0.007): with SD's tiny KL weight the encoder would otherwise
+    # spend most of a short training shrinking a unit variance that drowns the latent in noise.
+    with torch.no_grad():
+        logvar = slice(vae.config.latent_channels, None)
+        vae.quant_conv.weight[logvar] = 0.0
+        vae.quant_conv.bias[logvar] = -10.0
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ToyBaseConfig:
+    action: str = option("path", "'train' a toy base into --out, or print the 'path' of the shipped one.",
+                         choices=["train", "path"])
+    out: str | None = option(None, "Output folder of `train` (a diffusers SD folder).")
+    seed: int = option(0, "Seed of the data, the weights and the noise.")
+    num_images: int = option(10000, "Captioned shape images drawn for training.")
+    vae_steps: int = option(1800, "Autoencoder training steps.")
+    unet_steps: int = option(2500, "UNet + text encoder training steps.")
+    vae_batch_size: int = option(16, "Autoencoder batch size.")
+    batch_size: int = option(32, "UNet + text encoder batch size.")
+    vae_learning_rate: float = option(1e-3, "Autoencoder learning rate.")
+    learning_rate: float = option(5e-4, "UNet and text encoder learning rate (cosine decay after warm-up).")
+    caption_dropout: float = option(0.1, "Fraction of captions replaced by '' so classifier-free guidance works.")
+    ema_decay: float = option(0.999, "Decay of the UNet and text encoder weight average that is saved.")
+    snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0 turns it off); converges in fewer steps.")
+    threads: int = option(0, "Torch CPU threads; 0 keeps torch's default.")
+
+
+def draw_training_set(num_images: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """`num_images` shape images (N, 64, 64, 3) uint8 and their captions."""
+    from tqdm.auto import tqdm
+
+    from zeroconv.data.synth import shapes_example
+
+    images = np.empty((num_images, RESOLUTION, RESOLUTION, 3), np.uint8)
+    captions = []
+    for i in tqdm(range(num_images), desc="draw shapes", unit="img", dynamic_ncols=True):
+        images[i], caption = shapes_example(seed, i, RESOLUTION, palette="distinct")
+        captions.append(caption)
+    return images, captions
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def warmup_cosine(optimizer, steps: int):
+    """Linear warm-up over the first 5% of steps (at most 200), then cosine decay to zero."""
+    warmup = max(1, min(200, steps // 20))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, generator: torch.Generator,
+              crop: int = RESOLUTION // 2) -> None:
+    """Reconstruction (MSE) with SD's small KL weight: a near-deterministic autoencoder with a smooth latent.
+
+    It trains on random `crop`-pixel crops (on the latent grid): the autoencoder is convolutional (no attention), so
+    what it learns on crops holds on whole images, at a quarter of the cost."""
+    from tqdm.auto import tqdm
+
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, steps)
+    cells = (RESOLUTION - crop) // VAE_SCALE_FACTOR + 1
+    bar = tqdm(range(steps), desc="train autoencoder", dynamic_ncols=True)
+    for _ in bar:
+        index = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
+        y, x = (torch.randint(0, cells, (2,), generator=generator) * VAE_SCALE_FACTOR).tolist()
+        pixels = to_pixels(images[index, y:y + crop, x:x + crop])
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior mean and std of every image (the UNet stage draws fresh latent samples from them)."""
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = vae.encode(to_pixels(images[start:start + batch_size])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+class WeightAverage:
+    """An exponential moving average of parameters, copied into the model before saving."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short runs are not dominated by the initial weights
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float, captions: list[str],
+               cfg: ToyBaseConfig, generator: torch.Generator) -> None:
+    """SD's noise-prediction objective, UNet and text encoder trained together, captions dropped for CFG."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+    from tqdm.auto import tqdm
+
+    noise_scheduler = DDPMScheduler.from_config(build_scheduler().config)
+    ids = tokenizer(captions + [""], max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+    empty_ids, ids = ids[-1], ids[:-1]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+    schedule = warmup_cosine(optimizer, cfg.unet_steps)
+    average = WeightAverage(params, cfg.ema_decay)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(cfg.unet_steps), desc="train unet + text encoder", dynamic_ncols=True)
+    for step in bar:
+        index = torch.randint(0, len(means), (cfg.batch_size,), generator=generator)
+        latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        latents = latents * scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,),
+                                  generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        batch_ids = ids[index]
+        dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
+        batch_ids[dropped] = empty_ids
+        embeds = text_encoder(batch_ids, return_dict=False)[0]
+        pred = unet(noisy, timesteps, embeds, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma > 0:  # min-SNR weighting for epsilon prediction (Hang et al. 2023)
+            snr = compute_snr(noise_scheduler, timesteps)
+            loss = loss * torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = loss.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        average.update(step)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    average.copy_to_model()
+    unet.eval()
+    text_encoder.eval()
+
+
+def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
+    """Train a toy base into cfg.out as the module docstring says; returns the folder."""
+    from zeroconv.models.tokenizer import write_clip_tokenizer
+
+    if not cfg.out:
+        raise UserError("--out is required: the folder to write the toy base into")
+    out = Path(cfg.out)
+    for flag in ("num_images", "vae_steps", "unet_steps", "vae_batch_size", "batch_size"):
+        if getattr(cfg, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images, captions = draw_training_set(cfg.num_images, cfg.seed)
+
+    vae = build_vae()
+    train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
+    vae_seconds = time.perf_counter() - start
+    means, stds = encode_all(vae, images)
+    # SD's convention: latents are scaled to unit variance before diffusion
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+
+    tokenizer = write_clip_tokenizer(out / "tokenizer", vocabulary(), model_max_length=MAX_PROMPT_TOKENS)
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_unet()
+    train_unet(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, captions, cfg, generator)
+    save_pipeline(out, vae, text_encoder, tokenizer, unet)
+    seconds = time.perf_counter() - start
+    write_card(out, cfg, command or "zeroconv toy-base train " + " ".join(
+        f"--{k} {getattr(cfg, k)}" for k in ("out", "seed", "num_images", "vae_steps", "unet_steps")),
+        seconds, vae_seconds)
+    return out
+
+
+def folder_megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def write_card(out: Path, cfg: ToyBaseConfig, command: str, seconds: float, vae_seconds: float) -> None:
+    threads = torch.get_num_threads()
+    config = {k: getattr(cfg, k) for k in ToyBaseConfig.__dataclass_fields__ if k not in ("action", "out")}
+    card = f"""# zeroconv toy base
+
+A small Stable Diffusion model (diffusers layout: AutoencoderKL, CLIPTextModel + CLIPTokenizer,
+UNet2DConditionModel, SD 1.x noise schedule) that zeroconv trained itself, so `zeroconv demo` and the tests need
+no download. It draws one colored shape on a colored background at {RESOLUTION} px from prompts such as
+"red circle with navy background"; it knows the colors and the shapes but not where to place them.
+
+- Images {RESOLUTION}x{RESOLUTION}, latents {RESOLUTION // VAE_SCALE_FACTOR}x{RESOLUTION // VAE_SCALE_FACTOR}x4 \
+(autoencoder {VAE_SCALE_FACTOR}x down): a ControlNet's condition encoder needs \
+{int(math.log2(VAE_SCALE_FACTOR))} stride-2 convs.
+- Training data: {cfg.num_images} images of one shape (circle half the time, else square, triangle or diamond) in
+  one of 16 CSS colors on another (zeroconv.data.synth.shapes_example, palette "distinct"), captioned
+  "<color> <shape> with <color> background".
+- Stage 1: autoencoder, {cfg.vae_steps} steps. Stage 2: UNet and text encoder together, {cfg.unet_steps} steps,
+  caption dropout {cfg.caption_dropout}, min-SNR gamma {cfg.snr_gamma}, EMA {cfg.ema_decay} (the saved weights).
+
+## How it was made
+
+```
+{command}
+```
+
+- seed: {cfg.seed}
+- wall time: {seconds / 60:.1f} min (autoencoder {vae_seconds / 60:.1f} min), {threads} torch threads on
+  {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}
+- options: `{json.dumps(config)}`
+- size on disk: {folder_megabytes(out):.1f} MB
+"""
+    (out / "README.md").write_text(card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(ToyBaseConfig, argv, prog="zeroconv toy-base", positional=("action",),
+                description="Train the small toy SD base zeroconv ships (train), or print where it is (path).")
+    if cfg.action == "path":
+        print(toy_base_path())
+        return 0
+    command = "zeroconv toy-base " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    out = train_toy_base(cfg, command)
+    print(f"toy base written to {out} ({folder_megabytes(out):.1f} MB)")
+    return 0
