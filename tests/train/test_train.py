@@ -126,3 +126,23 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert "--pretrained_model_name_or_path" in proc.stderr
+
+
+def test_condition_on_the_fly_and_controllability_curve(tiny_base, tmp_path):
+    import shutil
+
+    from zeroconv.testing import make_image_dataset
+
+    data = make_image_dataset(tmp_path / "data", n=8, size=64, layout="kohya")
+    shutil.rmtree(data / "conditioning")  # images and captions only: canny computes the conditions
+    validation_image = next((data / "images").glob("*.png"))
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_base, data, out, max_train_steps=4, condition="canny", validation_steps=2,
+                      validation_image=[str(validation_image)], validation_prompt=["a red square"],
+                      num_validation_images=1, validation_inference_steps=2)
+    assert run_training(cfg) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = {row["step"]: row for row in rows if any(k.startswith("validation/") for k in row)}
+    assert sorted(curve) == [2, 4]
+    assert all(0.0 <= row["validation/edge_f1"] <= 1.0 for row in curve.values())
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-000002.png", "step-000004.png"]

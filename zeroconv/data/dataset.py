@@ -11,6 +11,7 @@ item's "skipped" counts the replacements (the loop sums them). `strict_data=True
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zlib
 from typing import Callable
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zeroconv.data.conditions import BadInput
 from zeroconv.data.sources import Example, Examples, source_label
 from zeroconv.data.transforms import PairedTransform
 from zeroconv.errors import UserError
@@ -69,7 +71,7 @@ class ControlNetDataset(torch.utils.data.Dataset):
             j = (index + skipped) % len(self)
             example = self.examples[j]
             try:
-                pixel_values, conditioning_pixel_values = self.load(example, flip)
+                pixel_values, conditioning_pixel_values = self.load(example, flip, j)
             except BadSample as bad:
                 if self.strict_data:
                     raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
@@ -84,14 +86,21 @@ class ControlNetDataset(torch.utils.data.Dataset):
         raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
                         "check the dataset's image files")
 
-    def load(self, example: Example, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, example: Example, flip: bool, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             image = example.open_image()
         except DATA_ERRORS as exc:
             raise BadSample(source_label(example.image) or f"{example.name} image", describe(exc)) from exc
         if self.condition_fn is not None:
             image = self.transform.fit_image(image)
-            condition = self.condition_fn(image)
+            # the extractor's random choices (thresholds, stroke widths) are drawn per (seed, epoch, sample) like
+            # the flip, so they too survive resume and do not depend on the worker count
+            rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index, 1])
+            path = example.image if isinstance(example.image, (str, os.PathLike)) else None
+            try:
+                condition = self.condition_fn(image, rng=rng, path=path)
+            except DATA_ERRORS + (BadInput,) as exc:
+                raise BadSample(example.name, f"condition: {describe(exc)}") from exc
         else:
             try:
                 condition = example.open_conditioning_image()

@@ -85,7 +85,7 @@ def load_base(name: str, revision: str | None = None, variant: str | None = None
     if Path(path).is_file():
         from zeroconv.models.single_file import load_sd_single_file
 
-        parts = load_sd_single_file(path)
+        parts = load_sd_single_file(path, tokenizer_name=tokenizer_name)
         base = Base(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
                     DDPMScheduler.from_config(parts["scheduler"].config), source=name)
     else:

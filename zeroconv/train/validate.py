@@ -12,14 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.validate")
-
-CONDITION_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
 
 def validation_pairs(prompts: list[str] | None, images: list[str] | None) -> list[tuple[str, str]]:
     """diffusers' pairing rule: equal counts pair up; a single prompt or image is used with all of the other."""
@@ -41,12 +38,11 @@ def validation_pairs(prompts: list[str] | None, images: list[str] | None) -> lis
 
 def load_condition(path: str | Path, resolution: int, channels: int) -> torch.Tensor:
     """A conditioning image as the ControlNet sees it in training: [1, C, R, R] in [0, 1]."""
-    image = ImageOps.exif_transpose(Image.open(path))
-    image = ImageOps.fit(image.convert(CONDITION_MODES[channels]), (resolution, resolution), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[..., None]
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    from zeroconv.data.transforms import PairedTransform, to_condition_mode, to_tensor
+
+    with Image.open(path) as image:
+        condition = PairedTransform(resolution, channels).fit(to_condition_mode(image, channels))
+    return to_tensor(condition).unsqueeze(0)
 
 
 def condition_to_rgb(cond: torch.Tensor) -> Image.Image:
