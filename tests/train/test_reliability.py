@@ -197,3 +197,20 @@ def test_sigterm_checkpoints_and_resumes_to_same_result(tiny_base, tiny_dataset,
                                     resume_from_checkpoint="latest")) == 0
     a, b = controlnet_weights(straight), controlnet_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_errors_never_kill_training(tiny_base, tiny_dataset, tmp_path, caplog):
+    calls = []
+
+    def failing_evaluator(step, pipe):
+        calls.append(step)
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise RuntimeError("metric exploded")
+
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_base, tiny_dataset, out, max_train_steps=4, validation_steps=2)
+    assert run_training(cfg, evaluator=failing_evaluator) == 0
+    assert calls == [0, 2, 4]  # the baseline, then every validation_steps
+    assert "validation at step 2 failed" in caplog.text and "OutOfMemoryError" in caplog.text
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4

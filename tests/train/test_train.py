@@ -143,6 +143,9 @@ def test_condition_on_the_fly_and_controllability_curve(tiny_base, tmp_path):
     assert run_training(cfg) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = {row["step"]: row for row in rows if any(k.startswith("validation/") for k in row)}
-    assert sorted(curve) == [2, 4]
+    assert sorted(curve) == [0, 2, 4]  # step 0 is the base alone: the baseline
     assert all(0.0 <= row["validation/edge_f1"] <= 1.0 for row in curve.values())
-    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-000002.png", "step-000004.png"]
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
+        "step-000000.png", "step-000002.png", "step-000004.png"]
+    summary = json.loads((out / "train_summary.json").read_text())["controllability"]["edge_f1"]
+    assert summary["baseline"] == curve[0]["validation/edge_f1"] and summary["final_step"] == 4
