@@ -226,6 +226,9 @@ class TrainConfig:
         "for datasets that have only images.")
     cache: str = option("off", "Precomputed latents/text embeddings: auto (build or reuse), off, only (build and "
                         "exit).", choices=["auto", "off", "only"])
+    latent_cache_dir: str | None = option(
+        None, "Where --cache keeps its caches, one folder per (dataset, base, resolution, transforms) key "
+        "(default: $XDG_CACHE_HOME/zeroconv/latents, i.e. ~/.cache/zeroconv/latents).")
     # --- optimisation ------------------------------------------------------------------------------------------
     train_batch_size: int = option(4, "Batch size per device.")
     num_train_epochs: int = option(1, "Epochs to train; ignored when --max_train_steps is set.")
@@ -255,6 +258,8 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = option(
         False, "Use xformers attention; without xformers (or on CPU) zeroconv warns and uses PyTorch SDPA.")
     set_grads_to_none: bool = option(False, "Free gradients between steps instead of zeroing them (saves memory).")
+    compile: bool = option(False, "torch.compile the ControlNet (slow first steps, faster after); falls back to "
+                           "eager with a warning where compilation fails.")
     # --- validation and logging --------------------------------------------------------------------------------
     validation_prompt: list[str] | None = option(
         None, "Prompts for validation; pair one-to-one with --validation_image, or give one for all.")
@@ -268,6 +273,9 @@ class TrainConfig:
         None, "Controllability metric computed on every validation sample against its condition (e.g. canny, "
         "fill); written to metrics.jsonl and the tracker, so you see control being learned step by step. Default: "
         "the --condition extractor's metric when --condition is set.")
+    validation_baseline: bool = option(
+        True, "Also validate before the first step: the base alone (an untrained ControlNet changes nothing), the "
+        "baseline the controllability curve is read against.")
     logging_dir: str = option("logs", "TensorBoard log folder, relative to output_dir.")
     report_to: str = option("tensorboard", "Tracker: tensorboard, wandb, comet_ml, all, or none.")
     tracker_project_name: str = option("train_controlnet", "Project name given to the tracker.")

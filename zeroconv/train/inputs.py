@@ -59,3 +59,33 @@ class LiveEncoders:
 
     def prompt_embeds(self, batch: dict) -> torch.Tensor:
         return self.encode_prompts(batch["caption"])
+
+
+class CachedEncoders:
+    """Reads a latent cache's (zeroconv.data.cache) batches: draws the latent from the stored posterior mean and
+    std with LiveEncoders' generator calls, and takes the stored caption embeddings. The VAE and text encoder
+    wait on the CPU, off the training device; validation borrows them (Trainer.encoders_to_device)."""
+
+    def __init__(self, empty_embed: torch.Tensor, vae, text_encoder, device, weight_dtype):
+        self.vae, self.text_encoder, self.device = vae, text_encoder, device
+        self.empty_embed = empty_embed.to(device, weight_dtype)
+        config = vae.config
+        self.scaling_factor, self.shift_factor = config.scaling_factor, getattr(config, "shift_factor", None)
+        self.release()
+
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        mean = batch["latent_mean"].to(self.device, non_blocking=True)
+        std = batch["latent_std"].to(self.device, non_blocking=True)
+        return sample_latents(mean, std, generator, self.scaling_factor, self.shift_factor)
+
+    def prompt_embeds(self, batch: dict) -> torch.Tensor:
+        return batch["prompt_embeds"].to(self.device, non_blocking=True)
+
+    def release(self) -> None:
+        """Back to the CPU after validation: the training device keeps only what the step uses."""
+        if torch.device(self.device).type == "cpu":
+            return
+        self.vae.to("cpu")
+        self.text_encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

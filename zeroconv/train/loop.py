@@ -58,7 +58,7 @@ def train_loop(t) -> int:
                 loss = compute_loss(t, batch) / cfg.gradient_accumulation_steps
                 accelerator.backward(loss)
             step_loss += loss.detach()
-            samples += batch["pixel_values"].shape[0] * accelerator.num_processes
+            samples += len(batch["index"]) * accelerator.num_processes
         # finite check and clip: a NaN/inf loss or gradient skips the update and leaves the weights untouched
         grad_norm = accelerator.clip_grad_norm_(t.trainable_params, cfg.max_grad_norm)
         finite = torch.isfinite(step_loss)

@@ -255,6 +255,18 @@ def enable_memory_efficient_attention(cfg: TrainConfig, unet, controlnet) -> Non
     controlnet.enable_xformers_memory_efficient_attention()
 
 
+def compile_controlnet(controlnet) -> None:
+    """torch.compile in place (state-dict keys and saving unchanged). Compilation happens at the first step; where
+    it fails (no C++ compiler, an unsupported op) dynamo warns and runs that code eagerly instead of stopping."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    try:
+        controlnet.compile()
+    except Exception as exc:  # noqa: BLE001 - an optional speed-up must not stop training
+        logger.warning("--compile: torch.compile unavailable (%s: %s); training uncompiled", type(exc).__name__, exc)
+
+
 def make_optimizer(cfg: TrainConfig, controlnet_params: list, decoder_params: list, lr_scale: float):
     groups = [{"params": controlnet_params, "lr": cfg.learning_rate * lr_scale}]
     if decoder_params:
@@ -330,6 +342,8 @@ def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> Trainer:
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         base.unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_controlnet(controlnet)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     unet = base.unet
@@ -379,11 +393,17 @@ def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> Trainer:
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
 
+    if cfg.cache == "off":
+        encoders = LiveEncoders(base.vae, base.text_encoder, base.tokenizer, accelerator.device, weight_dtype)
+    else:  # the cache's latents and embeddings replace the images and captions; the encoders leave the device
+        from zeroconv.data.cache import cached_training_inputs
+
+        dataset, encoders, collate = cached_training_inputs(cfg, dataset, base, accelerator.device, weight_dtype,
+                                                            seed)
     batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             pin_memory=accelerator.device.type == "cuda")
-    encoders = LiveEncoders(base.vae, base.text_encoder, base.tokenizer, accelerator.device, weight_dtype)
     metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None)
     metric_fn = None
     if metric_name:
@@ -423,11 +443,33 @@ def save_final(t: Trainer) -> Path:
         if not t.cfg.sd_locked:
             t.accelerator.unwrap_model(t.unet).save_pretrained(out / "unet_decoder", safe_serialization=True)
         summary = {"global_step": t.state.global_step, "skipped_samples": t.state.skipped_samples,
-                   "nonfinite_steps": t.state.nonfinite_steps, "nonfinite_log": t.state.nonfinite_log}
+                   "nonfinite_steps": t.state.nonfinite_steps, "nonfinite_log": t.state.nonfinite_log,
+                   "controllability": report_controllability(out / "metrics.jsonl")}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         write_card(t, out)
     t.accelerator.wait_for_everyone()
     return out
+
+
+def report_controllability(metrics_file: Path) -> dict:
+    """Print the validation metrics over steps and summarize each curve (baseline, best, when control appeared)."""
+    from zeroconv.evaluate.curve import curves_from_rows, format_table, summarize
+
+    if not metrics_file.is_file():
+        return {}
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    curves = curves_from_rows(rows)
+    if not curves:
+        return {}
+    print("controllability over training steps (validation set):\n" + format_table(curves), file=sys.stderr)
+    summaries = {key: summarize(curve, key) for key, curve in curves.items()}
+    for key, s in summaries.items():
+        if s.get("baseline") is not None:
+            appeared = (f"control appeared at step {s['control_appeared_at']}" if s["control_appeared_at"]
+                        else "no gain over the base yet")
+            print(f"{key}: base alone {s['baseline']:.3f} -> best {s['best']:.3f} at step {s['best_step']}; "
+                  f"{appeared}", file=sys.stderr)
+    return summaries
 
 
 def write_card(t: Trainer, out: Path) -> None:
@@ -472,9 +514,16 @@ def train(cfg: TrainConfig, evaluator: Callable | None = None) -> int:
     to every validation."""
     from zeroconv.train.loop import train_loop
 
+    if cfg.cache == "only":
+        from zeroconv.data.cache import build_for_training
+
+        logger.info("latent cache ready: %s", build_for_training(cfg).folder)
+        return EXIT_OK
     t = setup(cfg, evaluator)
     restore_signals = install_signal_handlers(t)
     try:
+        if t.state.global_step == 0 and cfg.validation_baseline and t.validation_due(0):
+            t.validate()  # step 0: the base alone, the curve's baseline
         code = train_loop(t)
         t.progress.close()
         if code == EXIT_OK:
