@@ -76,6 +76,38 @@ def build_vae():
     return vae
 
 
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_PROMPT_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=64))
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // VAE_SCALE_FACTOR,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler():
+    from diffusers import PNDMScheduler
+
+    # SD 1.x's schedule and scheduler config; training reads it as DDPM, sampling picks its own sampler.
+    return PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,17 +289,17 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     images, captions = draw_training_set(cfg.num_images, cfg.seed)
-
+    # every part is built before any training, so a mistake fails in seconds and not after the first stage
     vae = build_vae()
+    tokenizer = write_clip_tokenizer(out / "tokenizer", vocabulary(), model_max_length=MAX_PROMPT_TOKENS)
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_unet()
     train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
     vae_seconds = time.perf_counter() - start
     means, stds = encode_all(vae, images)
     # SD's convention: latents are scaled to unit variance before diffusion
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
 
-    tokenizer = write_clip_tokenizer(out / "tokenizer", vocabulary(), model_max_length=MAX_PROMPT_TOKENS)
-    text_encoder = build_text_encoder(tokenizer)
-    unet = build_unet()
     train_unet(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, captions, cfg, generator)
     save_pipeline(out, vae, text_encoder, tokenizer, unet)
     seconds = time.perf_counter() - start
