@@ -274,8 +274,8 @@ class TrainConfig:
         "fill); written to metrics.jsonl and the tracker, so you see control being learned step by step. Default: "
         "the --condition extractor's metric when --condition is set.")
     validation_baseline: bool = option(
-        True, "Also validate before the first step: the base alone (an untrained ControlNet changes nothing), the "
-        "baseline the controllability curve is read against.")
+        True, "With a --validation_metric, also validate before the first step: the base alone (an untrained "
+        "ControlNet changes nothing), the baseline the controllability curve is read against.")
     logging_dir: str = option("logs", "TensorBoard log folder, relative to output_dir.")
     report_to: str = option("tensorboard", "Tracker: tensorboard, wandb, comet_ml, all, or none.")
     tracker_project_name: str = option("train_controlnet", "Project name given to the tracker.")

@@ -135,7 +135,7 @@ def test_condition_fn_sees_the_fitted_image(tmp_path):
     examples = load_examples(TrainConfig(train_data_dir=str(root), condition="canny"))
     seen = []
 
-    def invert(image):
+    def invert(image, rng=None, path=None):
         seen.append((image.mode, image.size))
         return Image.fromarray(255 - np.asarray(image))
 
@@ -163,3 +163,22 @@ def test_saved_dataset_rows_decode_in_the_dataset(tmp_path):
     assert item["caption"] == "b"
     expected = torch.from_numpy(np.asarray(images[1], dtype=np.float32)).permute(2, 0, 1) / 255
     assert torch.allclose(item["conditioning_pixel_values"], expected, atol=1e-6)
+
+
+def test_condition_randomness_is_per_sample_and_epoch(tmp_path):
+    root = make_image_dataset(tmp_path, n=3, size=32)
+    examples = load_examples(TrainConfig(train_data_dir=str(root), condition="canny"))
+    draws = {}
+
+    def record(image, rng=None, path=None):
+        draws.setdefault(path, []).append(float(rng.random()))
+        return image
+
+    ds = ControlNetDataset(examples, PairedTransform(16, 3), seed=5, condition_fn=record)
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        for i in (2, 0, 1):
+            ds[i]
+    for values in draws.values():
+        assert values[0] == values[2] and values[0] != values[1]  # same (epoch, sample), same draw
+    assert len({v[0] for v in draws.values()}) == 3  # and each sample its own

@@ -522,7 +522,8 @@ def train(cfg: TrainConfig, evaluator: Callable | None = None) -> int:
     t = setup(cfg, evaluator)
     restore_signals = install_signal_handlers(t)
     try:
-        if t.state.global_step == 0 and cfg.validation_baseline and t.validation_due(0):
+        measures_control = t.metric_fn is not None or t.evaluator is not None
+        if t.state.global_step == 0 and cfg.validation_baseline and measures_control and t.validation_due(0):
             t.validate()  # step 0: the base alone, the curve's baseline
         code = train_loop(t)
         t.progress.close()
