@@ -60,3 +60,4 @@ def test_blog_command_runs_unmodified(tiny_base, tmp_path):
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
     assert "xformers" in proc.stderr  # the fallback to SDPA is announced, not silent
     assert sorted(p.name for p in (out / "validation").glob("*.png"))  # final validation grid written
+    assert list((out / "logs").rglob("events.out.tfevents*"))  # --report_to defaults to TensorBoard
