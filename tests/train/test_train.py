@@ -112,7 +112,7 @@ def test_bad_input_fails_before_model_load(tiny_base, tiny_dataset, tmp_path, ov
     monkeypatch.setattr(base_module, "load_base", lambda *a, **k: pytest.fail("model loaded before checks"))
     cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "run", **override)
     with pytest.raises(UserError, match=None) as info:
-        from zeroconv.train.run import preflight
+        from zeroconv.train.preflight import preflight
 
         preflight(cfg)
     assert needle in str(info.value)

@@ -1,0 +1,107 @@
+"""Everything `zeroconv train` can check before loading a model, each mistake one line naming the fix.
+
+Order matters for the user: paths, columns, flags, output folder, optional packages and hub access are checked
+in a second, not after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from zeroconv.config import TrainConfig
+from zeroconv.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_output_dir(output_dir: str) -> None:
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".zeroconv-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({exc.strerror}); pick a writable folder") \
+            from None
+
+
+def check_disk_space(output_dir: str, needed_bytes: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed_bytes:
+        raise UserError(f"--output_dir {output_dir}: {free / 2**30:.1f} GiB free, the planned checkpoints need about "
+                        f"{needed_bytes / 2**30:.1f} GiB; free space, lower --checkpoints_total_limit or raise "
+                        "--checkpointing_steps")
+
+
+def check_optional_packages(cfg: TrainConfig) -> None:
+    import importlib.util
+
+    if cfg.use_8bit_adam:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only), or drop "
+                            "the flag")
+        if not torch.cuda.is_available():
+            raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag on CPU")
+    for tracker in tracker_names(cfg.report_to):
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}.get(tracker)
+        if module is None:
+            raise UserError(f"--report_to {cfg.report_to}: unknown tracker '{tracker}'; use tensorboard, wandb, "
+                            "comet_ml, all or none")
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--report_to {tracker}: {module} is not installed; pip install {module}, or use "
+                            "--report_to tensorboard")
+
+
+def tracker_names(report_to: str | None) -> list[str]:
+    if not report_to or report_to == "none":
+        return []
+    if report_to == "all":
+        import importlib.util
+
+        return [name for name in ("tensorboard", "wandb", "comet_ml") if importlib.util.find_spec(name)]
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def preflight(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """All checks that need no model; returns the validation (image, prompt) pairs."""
+    from zeroconv.data.sources import check_data_args
+    from zeroconv.models.base import check_base_arg
+    from zeroconv.train.validate import validation_pairs
+
+    check_base_arg(cfg.pretrained_model_name_or_path, revision=cfg.revision, cache_dir=cfg.cache_dir)
+    if cfg.controlnet_model_name_or_path:
+        path = Path(cfg.controlnet_model_name_or_path)
+        if path.exists() and not (path / "config.json").is_file():
+            raise UserError(f"--controlnet_model_name_or_path {path}: no config.json; expected a diffusers "
+                            "ControlNet folder (use `zeroconv import` for a single file)")
+    if cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution}: must be divisible by 8 (the VAE's latent grid); try "
+                        f"{cfg.resolution // 8 * 8}")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "logging_steps", "max_nonfinite_steps"):
+        if getattr(cfg, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if cfg.condition:
+        from zeroconv.data.conditions import get_extractor
+
+        get_extractor(cfg.condition)  # unknown names fail here, before any model loads
+    if cfg.validation_metric:
+        from zeroconv.evaluate.metrics import get_metric
+
+        get_metric(cfg.validation_metric)
+    pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
+    for image, _ in pairs:
+        if not Path(image).is_file():
+            raise UserError(f"--validation_image {image}: no such file")
+    check_data_args(cfg)
+    check_output_dir(cfg.output_dir)
+    check_optional_packages(cfg)
+    if cfg.push_to_hub:
+        from zeroconv.export import check_push_possible
+
+        check_push_possible(cfg.hub_model_id or Path(cfg.output_dir).resolve().name, cfg.hub_token)
+    return pairs
