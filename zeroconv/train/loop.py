@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 
 import torch
@@ -64,7 +65,7 @@ def train_loop(t) -> int:
         finite = torch.isfinite(step_loss)
         if accelerator.scaler is None:  # with fp16 the grad scaler skips inf-gradient steps itself
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
-        finite = bool(finite)  # the one host sync of a step
+        finite, stop = agree(accelerator, finite, t.stop_signal is not None)  # the one host sync of a step
         if finite:
             t.optimizer.step()
             state.nonfinite_in_a_row = 0
@@ -100,12 +101,23 @@ def train_loop(t) -> int:
             t.save_checkpoint()
         if t.validation_due(state.global_step):
             t.validate()
-        if t.stop_signal is not None:
+        if stop:
             t.save_checkpoint()
+            signum = t.stop_signal or signal.SIGTERM  # another process may have been the one signalled
             logger.warning("received %s: checkpoint of step %d written; resume with --resume_from_checkpoint "
-                           "latest", t.stop_signal.name, state.global_step)
-            return 128 + int(t.stop_signal)
+                           "latest", signum.name, state.global_step)
+            return 128 + int(signum)
     return EXIT_OK
+
+
+def agree(accelerator, finite: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+    """Every process takes the same branch: skip if any saw a non-finite value, stop if any was signalled.
+    Otherwise one process would wait forever for the others at the next collective."""
+    if accelerator.num_processes == 1:
+        return bool(finite), stop
+    flags = torch.stack([(~finite.bool()).float(), torch.tensor(float(stop), device=finite.device)])
+    flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] == 0), bool(flags[1] > 0)
 
 
 def steps_for(num_batches_per_epoch: int, accumulation: int, epochs: int, max_steps: int | None) -> int:
