@@ -66,6 +66,7 @@ def build_parser(cls, prog: str, description: str = "", positional: tuple[str, .
     Fields named in `positional` become positional arguments (required, no default shown)."""
     parser = argparse.ArgumentParser(
         prog=prog,
+        usage=" ".join([prog, *(name.upper() for name in positional), "[options]"]),
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
