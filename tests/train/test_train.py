@@ -105,6 +105,10 @@ def test_only_mid_control_keeps_down_zero_convs_zero(tiny_base, tiny_dataset, tm
     (dict(validation_prompt=["a"]), "--validation_image"),
     (dict(output_dir="/proc/zeroconv-cannot-write"), "--output_dir"),
     (dict(condition="no-such-extractor"), "no-such-extractor"),
+    (dict(use_8bit_adam=True), "--use_8bit_adam"),
+    (dict(report_to="wandb"), "wandb"),
+    (dict(push_to_hub=True), "cannot push to the Hub"),
+    (dict(validation_metric="no-such-metric"), "no-such-metric"),
 ])
 def test_bad_input_fails_before_model_load(tiny_base, tiny_dataset, tmp_path, override, needle, monkeypatch):
     import zeroconv.models.base as base_module
