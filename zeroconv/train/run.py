@@ -263,6 +263,9 @@ def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> Trainer:
         if dtype != torch.float32:
             module.to(dtype=dtype)
     controlnet.to(accelerator.device)
+    if cfg.channels_last:
+        for module in (controlnet, unet):
+            module.to(memory_format=torch.channels_last)
 
     lr_scale = (cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
                 if cfg.scale_lr else 1.0)

@@ -1,0 +1,464 @@
+"""The latent cache: what the frozen VAE and text encoder make of the training data, computed once.
+
+For a locked base these numbers are the same every epoch, so `zeroconv cache` (or `zeroconv train --cache auto`)
+stores per sample the VAE posterior's mean and std (and those of the flipped image with --random_flip), the
+condition at training resolution as uint8 (not with --condition: extractors draw new random choices every epoch,
+so those conditions are still computed per step), and per distinct caption the text encoder's hidden states (and the
+empty prompt's). Training then draws a fresh latent from (mean, std) with the same generator calls as the live
+VAE path, and picks flips and captions with ControlNetDataset's per-(seed, epoch, index) draws: a seeded run
+feeds the UNet the same noisy latents with or without the cache.
+
+On disk: `<root>/<key>/` with safetensors shards (memory-mapped when read) and manifest.json, written last. The
+key hashes the dataset's fingerprint, the base (path, configs, weight files' sizes and mtimes), resolution,
+condition channels and extractor, flip, dtype and the transform's version: change any and a new cache is built
+beside the old one, never mixed with it. Several processes split the shards, then the main one writes the
+manifest. An interrupted build keeps its finished shards in `<key>.partial/` and resumes from them.
+
+`zeroconv cache` takes `zeroconv train`'s flags (the ones above matter), so `--config run.yaml` builds exactly
+the cache that `zeroconv train --config run.yaml --cache auto` will use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zeroconv.errors import EXIT_OK, UserError
+
+logger = logging.getLogger("zeroconv.cache")
+
+CACHE_FORMAT = 1
+# Bump when PairedTransform's geometry or conversions change: old caches then stop matching.
+TRANSFORM_VERSION = "fit-bilinear-center-crop/flip-after-fit/image[-1,1]/condition-uint8/v1"
+SHARD_BYTES = 256 * 2**20
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zeroconv" / "latents"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identity
+# ----------------------------------------------------------------------------------------------------------------
+
+def file_stats(folder: Path) -> list:
+    return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def base_identity(name: str, revision: str | None, base) -> dict:
+    """What makes the frozen encoders' outputs: the base's location, its component configs and weight files."""
+    from zeroconv.models.base import resolve_base
+
+    path = Path(resolve_base(name))
+    identity: dict = {"name": str(path.resolve()) if path.exists() else name, "revision": revision}
+    for part in ("unet", "vae", "text_encoder"):
+        config = getattr(base, part).config
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        identity[f"{part}_config"] = {k: v for k, v in config.items() if not k.startswith("_")}
+    if path.is_file():
+        identity["files"] = [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
+    elif path.is_dir():
+        identity["files"] = {part: file_stats(path / part) for part in ("unet", "vae", "text_encoder", "tokenizer")
+                             if (path / part).is_dir()}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def cache_identity(cfg, examples, base, weight_dtype: torch.dtype, seed: int) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "dataset": examples.fingerprint(),
+        "base": base_identity(cfg.pretrained_model_name_or_path, cfg.revision, base),
+        "tokenizer_name": cfg.tokenizer_name,
+        "resolution": cfg.resolution,
+        "conditioning_channels": cfg.conditioning_channels,
+        "condition": cfg.condition,  # decides which samples are unreadable
+        "random_flip": bool(cfg.random_flip),
+        "dtype": str(weight_dtype),
+        "transform": TRANSFORM_VERSION,
+    }
+
+
+def cache_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+
+def condition_to_float(condition: torch.Tensor) -> torch.Tensor:
+    """uint8 CHW -> float32 in [0, 1] with the same operations as transforms.to_tensor (bit-identical)."""
+    return condition.to(torch.float32).mul_(1.0 / 255.0)
+
+
+class LatentCache:
+    """A complete cache folder, read through memory maps (each process, each loader worker opens its own)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        self.num_samples = self.manifest["num_samples"]
+        self.samples_per_shard = self.manifest["samples_per_shard"]
+        self.captions_per_shard = self.manifest["captions_per_shard"]
+        self.flipped = self.manifest["flipped"]
+        self.unreadable = set(self.manifest["unreadable"])
+        self.caption_ids = {caption: i for i, caption in enumerate(self.manifest["captions"])}
+        self.handles: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, folder: str | Path, identity: dict) -> LatentCache | None:
+        """The cache in `folder` if it is complete and was built for exactly `identity`, else None."""
+        manifest = Path(folder) / "manifest.json"
+        if not manifest.is_file():
+            return None
+        cache = cls(folder)
+        return cache if cache.manifest["identity"] == identity else None
+
+    def __getstate__(self):  # loader workers reopen the memory maps
+        return {**self.__dict__, "handles": {}}
+
+    def tensor(self, file: str, name: str, row: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        handle = self.handles.get(file)
+        if handle is None:
+            handle = self.handles[file] = safe_open(str(self.folder / file), framework="pt")
+        return handle.get_slice(name)[row:row + 1][0]
+
+    def readable(self, index: int) -> bool:
+        return index not in self.unreadable
+
+    def sample(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(posterior mean, posterior std, condition uint8 or None when computed by --condition) of sample
+        `index`, flipped or not."""
+        file, row = f"shard-{index // self.samples_per_shard:05d}.safetensors", index % self.samples_per_shard
+        suffix = "_flipped" if flip else ""
+        condition = self.tensor(file, "condition", row) if self.manifest["conditions"] else None
+        if condition is not None and flip:
+            condition = condition.flip(-1)
+        return self.tensor(file, "mean" + suffix, row), self.tensor(file, "std" + suffix, row), condition
+
+    def caption_embed(self, caption: str) -> torch.Tensor:
+        index = self.caption_ids[caption]
+        return self.tensor(f"captions-{index // self.captions_per_shard:05d}.safetensors", "embeds",
+                           index % self.captions_per_shard)
+
+    @property
+    def empty_embed(self) -> torch.Tensor:
+        return self.tensor("empty.safetensors", "embeds", 0)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """ControlNetDataset's items from the cache: same length, same per-(seed, epoch, index) flips and captions,
+    same replacement of unreadable samples; latents as (mean, std) and caption embeddings instead of pixels."""
+
+    def __init__(self, cache: LatentCache, source):
+        if len(source) != cache.num_samples:
+            raise ValueError(f"cache has {cache.num_samples} samples, dataset {len(source)}")
+        self.cache, self.source = cache, source  # source: the ControlNetDataset, for its draws and captions
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.cache.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        from zeroconv.data.dataset import BadSample, pick_caption
+
+        flip, caption_draw = self.source.draws(index)
+        for skipped in range(len(self)):
+            j = (index + skipped) % len(self)
+            if not self.cache.readable(j):
+                continue
+            mean, std, condition = self.cache.sample(j, flip)
+            if condition is None:  # --condition: extracted per (seed, epoch, sample) as the live path does
+                try:
+                    condition = self.source.load(self.source.examples[j], flip, j)[1]
+                except BadSample:
+                    continue
+            else:
+                condition = condition_to_float(condition)
+            caption = pick_caption(self.source.examples[j].caption, caption_draw)
+            return {"latent_mean": mean, "latent_std": std, "conditioning_pixel_values": condition,
+                    "prompt_embeds": self.cache.caption_embed(caption), "caption": caption, "index": j,
+                    "skipped": skipped}
+        raise UserError(f"none of the {len(self)} training samples could be read; check the dataset's image files")
+
+    @staticmethod
+    def collate(batch: list[dict]) -> dict:
+        stacked = {key: torch.stack([item[key] for item in batch])
+                   for key in ("latent_mean", "latent_std", "conditioning_pixel_values", "prompt_embeds")}
+        return {**stacked, "caption": [item["caption"] for item in batch],
+                "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+                "skipped": sum(item["skipped"] for item in batch)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------------
+
+class RawSamples(torch.utils.data.Dataset):
+    """Sample i unflipped, as ControlNetDataset transforms it, or a note that it cannot be read."""
+
+    def __init__(self, dataset, indices: range):
+        self.dataset, self.indices = dataset, indices
+        self.resolution = dataset.transform.resolution
+        self.channels = dataset.transform.conditioning_channels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        from zeroconv.data.dataset import BadSample
+
+        index = self.indices[i]
+        try:
+            pixels, condition = self.dataset.load(self.dataset.examples[index], False, index)
+            bad = None
+        except BadSample as exc:
+            pixels = torch.zeros(3, self.resolution, self.resolution)
+            condition, bad = torch.zeros(self.channels, self.resolution, self.resolution), (exc.label, exc.reason)
+        return {"index": index, "pixels": pixels, "condition": condition.mul(255).round_().to(torch.uint8),
+                "bad": bad}
+
+
+def collate_raw(batch: list[dict]) -> dict:
+    return {"index": [item["index"] for item in batch], "bad": [item["bad"] for item in batch],
+            "pixels": torch.stack([item["pixels"] for item in batch]),
+            "condition": torch.stack([item["condition"] for item in batch])}
+
+
+@dataclass
+class Encoders:
+    """The frozen encoders as the cache runs them: on `device` in `dtype`, `batch_size` at a time.
+
+    Build at the training batch size: CPU kernels split work by batch size, so only then are the cached numbers
+    bit-identical to the live VAE's (on GPU they agree to rounding)."""
+
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+
+    @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for chunk in pixels.split(self.batch_size):
+            dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
+        return torch.cat(means), torch.cat(stds)
+
+    @torch.no_grad()
+    def prompts(self, captions: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(captions), self.batch_size):
+            ids = self.tokenizer(captions[start:start + self.batch_size], max_length=self.tokenizer.model_max_length,
+                                 padding="max_length", truncation=True, return_tensors="pt").input_ids
+            out.append(self.text_encoder(ids.to(self.device), return_dict=False)[0].to(self.dtype).cpu())
+        return torch.cat(out)
+
+
+def save_atomic(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def build_shard(path: Path, dataset, indices: range, encoders: Encoders, flipped: bool, strict_data: bool,
+                num_workers: int, progress) -> list[int]:
+    """Encode samples `indices` into one shard file; returns the unreadable ones."""
+    loader = torch.utils.data.DataLoader(RawSamples(dataset, indices), batch_size=encoders.batch_size,
+                                         num_workers=num_workers, collate_fn=collate_raw)
+    parts: dict[str, list] = {}
+    unreadable = []
+    for batch in loader:
+        for index, bad in zip(batch["index"], batch["bad"]):
+            if bad is None:
+                continue
+            if strict_data:
+                raise UserError(f"unreadable training sample {bad[0]} ({bad[1]}); fix or remove it, or drop "
+                                "--strict_data to skip such samples")
+            logger.warning("skipping unreadable sample %s (%s)", *bad)
+            unreadable.append(index)
+        mean, std = encoders.posterior(batch["pixels"])
+        parts.setdefault("mean", []).append(mean)
+        parts.setdefault("std", []).append(std)
+        if flipped:
+            mean, std = encoders.posterior(batch["pixels"].flip(-1))
+            parts.setdefault("mean_flipped", []).append(mean)
+            parts.setdefault("std_flipped", []).append(std)
+        if dataset.condition_fn is None:  # an extractor's random choices change every epoch: not cached
+            parts.setdefault("condition", []).append(batch["condition"])
+        progress.update(len(batch["index"]))
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    tensors["unreadable"] = torch.tensor(unreadable + [-1], dtype=torch.long)  # -1: safetensors has no empty
+    save_atomic(tensors, path)
+    return unreadable
+
+
+def shard_size(dataset, flipped: bool, batch_size: int, latent_bytes: int) -> int:
+    """Samples per shard: about SHARD_BYTES a file, a multiple of the batch size (the VAE batches stay whole)."""
+    r = dataset.transform.resolution
+    per_sample = r * r * dataset.transform.conditioning_channels + latent_bytes * (4 if flipped else 2)
+    return max(1, SHARD_BYTES // per_sample // batch_size) * batch_size
+
+
+def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders, *, flipped: bool,
+                strict_data: bool = False, num_workers: int = 0) -> LatentCache:
+    """Encode `dataset` (a ControlNetDataset) into `folder`. Every process of the run calls this: each builds
+    its share of the shards, then the main process encodes the captions and writes the manifest."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    r = dataset.transform.resolution
+    latent_channels = encoders.vae.config.latent_channels
+    scale = 2 ** (len(encoders.vae.config.block_out_channels) - 1)
+    latent_bytes = latent_channels * (r // scale) ** 2 * torch.finfo(encoders.dtype).bits // 8
+    per_shard = shard_size(dataset, flipped, encoders.batch_size, latent_bytes)
+    shards = [range(start, min(start + per_shard, n)) for start in range(0, n, per_shard)]
+    mine = [s for s in range(len(shards)) if s % state.num_processes == state.process_index]
+    todo = [s for s in mine if not (partial / f"shard-{s:05d}.safetensors").is_file()]
+    with tqdm(total=sum(len(shards[s]) for s in todo), desc="cache latents", unit="img",
+              disable=not state.is_local_main_process, dynamic_ncols=True) as progress:
+        for s in todo:
+            build_shard(partial / f"shard-{s:05d}.safetensors", dataset, shards[s], encoders, flipped, strict_data,
+                        num_workers, progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_captions(partial, dataset, encoders)
+        unreadable = []
+        from safetensors import safe_open
+
+        for s in range(len(shards)):
+            with safe_open(str(partial / f"shard-{s:05d}.safetensors"), framework="pt") as handle:
+                unreadable += [i for i in handle.get_tensor("unreadable").tolist() if i >= 0]
+        captions = json.loads((partial / "captions.json").read_text())
+        manifest = {"identity": identity, "key": cache_key(identity), "num_samples": n, "samples_per_shard": per_shard,
+                    "captions_per_shard": captions["per_shard"], "captions": captions["captions"],
+                    "flipped": flipped, "conditions": dataset.condition_fn is None, "unreadable": sorted(unreadable), "dtype": str(encoders.dtype)}
+        (partial / "manifest.json").write_text(json.dumps(manifest))
+        if folder.exists():  # an incomplete or foreign leftover under the same name
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+    state.wait_for_everyone()
+    return LatentCache(folder)
+
+
+def write_captions(folder: Path, dataset, encoders: Encoders) -> None:
+    """Every distinct caption's hidden states (first-seen order) and the empty prompt's, sharded."""
+    captions = list(dict.fromkeys(c for i in range(len(dataset.examples))
+                                  for c in as_list(dataset.examples[i].caption)))
+    hidden = encoders.text_encoder.config.hidden_size
+    per_shard = max(1, SHARD_BYTES // (encoders.tokenizer.model_max_length * hidden * 4))
+    for s, start in enumerate(range(0, len(captions), per_shard)):
+        save_atomic({"embeds": encoders.prompts(captions[start:start + per_shard])},
+                    folder / f"captions-{s:05d}.safetensors")
+    save_atomic({"embeds": encoders.prompts([""])}, folder / "empty.safetensors")
+    (folder / "captions.json").write_text(json.dumps({"per_shard": per_shard, "captions": captions}))
+
+
+def as_list(caption: str | list[str]) -> list[str]:
+    return [caption] if isinstance(caption, str) else (list(caption) or [""])
+
+
+def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders, *, flipped: bool,
+                  strict_data: bool = False, num_workers: int = 0) -> LatentCache:
+    """The cache for `identity` under `root`: reused when complete, else built (all processes take part)."""
+    folder = Path(root) / cache_key(identity)
+    cache = LatentCache.open(folder, identity)
+    if cache is not None:
+        logger.info("latent cache: reusing %s", folder)
+        return cache
+    logger.info("latent cache: building %s (%d samples)", folder, len(dataset))
+    return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,
+                       num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training integration and the command
+# ----------------------------------------------------------------------------------------------------------------
+
+def cached_training_inputs(cfg, dataset, base, device, weight_dtype: torch.dtype, seed: int):
+    """(CachedDataset, CachedEncoders, collate) for `zeroconv train --cache auto`; the VAE and text encoder end up
+    on the CPU, off the training device, until validation borrows them."""
+    from zeroconv.train.inputs import CachedEncoders
+
+    cache = cache_for(cfg, dataset, base, device, weight_dtype, seed)
+    encoders = CachedEncoders(cache.empty_embed, base.vae, base.text_encoder, device, weight_dtype)
+    return CachedDataset(cache, dataset), encoders, CachedDataset.collate
+
+
+def cache_for(cfg, dataset, base, device, weight_dtype: torch.dtype, seed: int) -> LatentCache:
+    identity = cache_identity(cfg, dataset.examples, base, weight_dtype, seed)
+    encoders = Encoders(base.vae.to(device), base.text_encoder.to(device), base.tokenizer, device, weight_dtype,
+                        cfg.train_batch_size)
+    return open_or_build(cfg.latent_cache_dir or default_cache_root(), identity, dataset, encoders,
+                         flipped=cfg.random_flip, strict_data=cfg.strict_data, num_workers=cfg.dataloader_num_workers)
+
+
+def build_for_training(cfg) -> LatentCache:
+    """Build (or find) the cache that `zeroconv train` with the same flags and --cache auto would use."""
+    from accelerate import Accelerator
+
+    from zeroconv.data.dataset import ControlNetDataset
+    from zeroconv.data.sources import check_data_args, load_examples
+    from zeroconv.data.transforms import PairedTransform
+    from zeroconv.models.base import check_base_arg, load_base
+    from zeroconv.train.run import resolve_mixed_precision
+
+    check_base_arg(cfg.pretrained_model_name_or_path, revision=cfg.revision, cache_dir=cfg.cache_dir)
+    check_data_args(cfg)
+    if cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution}: must be divisible by 8 (the VAE's latent grid); try "
+                        f"{cfg.resolution // 8 * 8}")
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    seed = cfg.seed if cfg.seed is not None else 0
+    condition_fn = None
+    if cfg.condition:
+        from zeroconv.data.conditions import get_extractor
+
+        condition_fn = get_extractor(cfg.condition, seed=seed)
+    dataset = ControlNetDataset(load_examples(cfg), PairedTransform(cfg.resolution, cfg.conditioning_channels),
+                                seed=seed, random_flip=cfg.random_flip, strict_data=cfg.strict_data,
+                                condition_fn=condition_fn)
+    base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base.vae.to(dtype=weight_dtype)
+    base.text_encoder.to(dtype=weight_dtype)
+    return cache_for(cfg, dataset, base, accelerator.device, weight_dtype, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from zeroconv.config import TrainConfig, parse
+
+    cfg = parse(TrainConfig, argv, prog="zeroconv cache",
+                description="Precompute the VAE latents (mean and std), caption embeddings and conditions that "
+                "`zeroconv train --cache auto` reads. Takes zeroconv train's flags; those that shape the cache are "
+                "the base, the data flags, --resolution, --conditioning_channels, --condition, --random_flip, "
+                "--mixed_precision, --train_batch_size and --latent_cache_dir.")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cache = build_for_training(cfg)
+    print(cache.folder)
+    return EXIT_OK
