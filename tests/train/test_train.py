@@ -59,7 +59,7 @@ def test_training_lowers_loss_on_fixed_batch(tiny_base, tiny_dataset, tmp_path):
         return value
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "run", max_train_steps=60, learning_rate=5e-4,
+    cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "run", max_train_steps=60, learning_rate=2e-3,
                       proportion_empty_prompts=0.0)
     trainer = setup(cfg)
     before = fixed_batch_loss(trainer)

@@ -127,6 +127,11 @@ class ToyBaseConfig:
     learning_rate: float = option(5e-4, "UNet and text encoder learning rate (cosine decay after warm-up).")
     caption_dropout: float = option(0.1, "Fraction of captions replaced by '' so classifier-free guidance works.")
     ema_decay: float = option(0.999, "Decay of the UNet and text encoder weight average that is saved.")
+    offset_noise: float = option(
+        0.1, "Std of a per-image, per-channel constant added to the training noise. SD's schedule leaves a trace of "
+        "the image's mean in the noisiest latents; on flat-color images a model learns to read the color from that "
+        "trace instead of the prompt, and at sampling (no trace) draws wrong colors. The offset hides the trace.")
+    vae_from: str | None = option(None, "Reuse the autoencoder of an earlier toy base folder instead of training one.")
     snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0 turns it off); converges in fewer steps.")
     threads: int = option(0, "Torch CPU threads; 0 keeps torch's default.")
 
@@ -238,6 +243,8 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         latents = latents * scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
+        if cfg.offset_noise > 0:
+            noise = noise + cfg.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,),
                                   generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -290,11 +297,20 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
     generator = torch.Generator().manual_seed(cfg.seed)
     images, captions = draw_training_set(cfg.num_images, cfg.seed)
     # every part is built before any training, so a mistake fails in seconds and not after the first stage
-    vae = build_vae()
+    if cfg.vae_from:
+        from diffusers import AutoencoderKL
+
+        if not (Path(cfg.vae_from) / "vae" / "config.json").is_file():
+            raise UserError(f"--vae_from {cfg.vae_from}: no vae/config.json; give a toy base folder")
+        vae = AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae")
+    else:
+        vae = build_vae()
     tokenizer = write_clip_tokenizer(out / "tokenizer", vocabulary(), model_max_length=MAX_PROMPT_TOKENS)
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet()
-    train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
+    if not cfg.vae_from:
+        train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
+    vae.eval()
     vae_seconds = time.perf_counter() - start
     means, stds = encode_all(vae, images)
     # SD's convention: latents are scaled to unit variance before diffusion
@@ -329,8 +345,8 @@ no download. It draws one colored shape on a colored background at {RESOLUTION} 
 - Training data: {cfg.num_images} images of one shape (circle half the time, else square, triangle or diamond) in
   one of 16 CSS colors on another (zeroconv.data.synth.shapes_example, palette "distinct"), captioned
   "<color> <shape> with <color> background".
-- Stage 1: autoencoder, {cfg.vae_steps} steps. Stage 2: UNet and text encoder together, {cfg.unet_steps} steps,
-  caption dropout {cfg.caption_dropout}, min-SNR gamma {cfg.snr_gamma}, EMA {cfg.ema_decay} (the saved weights).
+- Stage 1: autoencoder, {"reused, see below" if cfg.vae_from else f"{cfg.vae_steps} steps"}. Stage 2: UNet and text encoder together, {cfg.unet_steps} steps,
+  caption dropout {cfg.caption_dropout}, offset noise {cfg.offset_noise}, min-SNR gamma {cfg.snr_gamma}, EMA {cfg.ema_decay} (the saved weights).
 
 ## How it was made
 
@@ -344,6 +360,10 @@ no download. It draws one colored shape on a colored background at {RESOLUTION} 
 - options: `{json.dumps(config)}`
 - size on disk: {folder_megabytes(out):.1f} MB
 """
+    earlier = Path(cfg.vae_from) / "README.md" if cfg.vae_from else None
+    if earlier is not None and earlier.is_file():
+        made = earlier.read_text().split("## How it was made", 1)[-1].strip()
+        card += f"\n## The autoencoder\n\nReused (--vae_from) from a run made this way:\n\n{made}\n"
     (out / "README.md").write_text(card)
 
 
