@@ -269,6 +269,23 @@ def unknown_column(flag_name: str, column: str, available: list[str], where: str
                      f"{hint}")
 
 
+def pick_columns(cfg, columns: dict[str, str], visible: list[str], where: str) -> tuple[str, str | None, str]:
+    """The (image, condition, caption) keys that --image_column etc. name; `columns` maps names to keys. The
+    condition's is None with --condition (computed from the image)."""
+
+    def key_for(flag_name: str, column: str, hint: str = "") -> str:
+        if column not in columns:
+            raise unknown_column(flag_name, column, visible, where, hint)
+        return columns[column]
+
+    image = key_for("image_column", cfg.image_column)
+    cond = None
+    if not cfg.condition:
+        cond = key_for("conditioning_image_column", cfg.conditioning_image_column,
+                       " (or compute the condition from the image with --condition)")
+    return image, cond, key_for("caption_column", cfg.caption_column)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Local layouts
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,18 +329,7 @@ def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
     visible = list(columns)
     columns.update({key: key for key in keys if key not in columns})  # the raw keys are accepted too
     where = str(metadata)
-
-    def key_for(flag_name: str, column: str, hint: str = "") -> str:
-        if column not in columns:
-            raise unknown_column(flag_name, column, visible, where, hint)
-        return columns[column]
-
-    image_key = key_for("image_column", cfg.image_column)
-    cond_key = None
-    if not cfg.condition:
-        cond_key = key_for("conditioning_image_column", cfg.conditioning_image_column,
-                           " (or compute the condition from the image with --condition)")
-    caption_key = key_for("caption_column", cfg.caption_column)
+    image_key, cond_key, caption_key = pick_columns(cfg, columns, visible, where)
     examples = []
     for line, row in rows:
         where = f"{metadata} line {line}"
@@ -462,18 +468,7 @@ def train_split(dataset, where: str):
 
 def from_dataset(dataset, cfg, where: str, description: str) -> Examples:
     available = list(dataset.column_names)
-
-    def check(flag_name: str, column: str, hint: str = "") -> str:
-        if column not in available:
-            raise unknown_column(flag_name, column, available, where, hint)
-        return column
-
-    image = check("image_column", cfg.image_column)
-    cond = None
-    if not cfg.condition:
-        cond = check("conditioning_image_column", cfg.conditioning_image_column,
-                     " (or compute the condition from the image with --condition)")
-    caption = check("caption_column", cfg.caption_column)
+    image, cond, caption = pick_columns(cfg, {c: c for c in available}, available, where)
     if cfg.max_train_samples and cfg.max_train_samples < len(dataset):
         dataset = dataset.select(range(cfg.max_train_samples))
     identity = identity_of(cfg, "datasets", {"image": image, "conditioning": cond, "caption": caption})
