@@ -245,9 +245,10 @@ def train_config(cfg: DemoConfig, data: Path, out: Path):
 def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns the summary written to OUT/summary.json."""
     from zeroconv.data.synth import write_fill
-    from zeroconv.models.base import load_base
+    from zeroconv.models.base import check_base_arg, load_base
     from zeroconv.train.run import train
 
+    check_base_arg(cfg.base, flag="--base")  # before minutes of data writing
     if cfg.quick:
         cfg.shrink_for_quick()
     for flag in ("train_examples", "held_out", "max_train_steps", "train_batch_size", "validation_steps",
