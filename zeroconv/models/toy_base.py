@@ -132,6 +132,8 @@ class ToyBaseConfig:
         "the image's mean in the noisiest latents; on flat-color images a model learns to read the color from that "
         "trace instead of the prompt, and at sampling (no trace) draws wrong colors. The offset hides the trace.")
     vae_from: str | None = option(None, "Reuse the autoencoder of an earlier toy base folder instead of training one.")
+    unet_from: str | None = option(None, "Continue from the UNet and text encoder of an earlier toy base folder "
+                                   "(same tokenizer words) instead of fresh weights.")
     snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0 turns it off); converges in fewer steps.")
     threads: int = option(0, "Torch CPU threads; 0 keeps torch's default.")
 
@@ -306,8 +308,17 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
     else:
         vae = build_vae()
     tokenizer = write_clip_tokenizer(out / "tokenizer", vocabulary(), model_max_length=MAX_PROMPT_TOKENS)
-    text_encoder = build_text_encoder(tokenizer)
-    unet = build_unet()
+    if cfg.unet_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        if not (Path(cfg.unet_from) / "unet" / "config.json").is_file():
+            raise UserError(f"--unet_from {cfg.unet_from}: no unet/config.json; give a toy base folder")
+        text_encoder = CLIPTextModel.from_pretrained(cfg.unet_from, subfolder="text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(cfg.unet_from, subfolder="unet")
+    else:
+        text_encoder = build_text_encoder(tokenizer)
+        unet = build_unet()
     if not cfg.vae_from:
         train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
     vae.eval()
@@ -345,7 +356,7 @@ no download. It draws one colored shape on a colored background at {RESOLUTION} 
 - Training data: {cfg.num_images} images of one shape (circle half the time, else square, triangle or diamond) in
   one of 16 CSS colors on another (zeroconv.data.synth.shapes_example, palette "distinct"), captioned
   "<color> <shape> with <color> background".
-- Stage 1: autoencoder, {"reused, see below" if cfg.vae_from else f"{cfg.vae_steps} steps"}. Stage 2: UNet and text encoder together, {cfg.unet_steps} steps,
+- Stage 1: autoencoder, {"reused, see below" if cfg.vae_from else f"{cfg.vae_steps} steps"}. Stage 2: UNet and text encoder together, {cfg.unet_steps} steps{" more, from an earlier run (below)" if cfg.unet_from else ""},
   caption dropout {cfg.caption_dropout}, offset noise {cfg.offset_noise}, min-SNR gamma {cfg.snr_gamma}, EMA {cfg.ema_decay} (the saved weights).
 
 ## How it was made
@@ -360,10 +371,11 @@ no download. It draws one colored shape on a colored background at {RESOLUTION} 
 - options: `{json.dumps(config)}`
 - size on disk: {folder_megabytes(out):.1f} MB
 """
-    earlier = Path(cfg.vae_from) / "README.md" if cfg.vae_from else None
-    if earlier is not None and earlier.is_file():
-        made = earlier.read_text().split("## How it was made", 1)[-1].strip()
-        card += f"\n## The autoencoder\n\nReused (--vae_from) from a run made this way:\n\n{made}\n"
+    for folder in dict.fromkeys(f for f in (cfg.unet_from, cfg.vae_from) if f):  # each earlier run once
+        earlier = Path(folder) / "README.md"
+        if earlier.is_file():
+            made = earlier.read_text().split("## How it was made", 1)[-1].strip().replace("\n## ", "\n### ")
+            card += f"\n## Started from {folder}, made this way\n\n{made}\n"
     (out / "README.md").write_text(card)
 
 
