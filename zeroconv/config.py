@@ -195,6 +195,13 @@ class TrainConfig:
         False, "Feed only the middle-block residual to the UNet (the paper's small-scale mode, ~1.6x faster).")
     conditioning_channels: int = option(3, "Channels of the conditioning image: 1 (grayscale), 3 (RGB), 4 (RGBA).",
                                         choices=[1, 3, 4])
+    condition_encoder_init: str = option(
+        "paper", "Initial weights of the ControlNet's condition encoder (the small convnet that brings the condition "
+        "image onto the latent grid). 'paper': PyTorch's default init, as lllyasviel's code and diffusers. "
+        "'unit_variance': He-normal weights, zero biases, so the condition reaches the zero convolution at the "
+        "latents' scale instead of 100-1000x weaker; the hint path learns from the first steps (on the toy Fill "
+        "demo control appears in a fraction of the steps). Either way the last conv is zero and the untrained "
+        "ControlNet changes nothing.", choices=["paper", "unit_variance"])
     # --- output and checkpoints -------------------------------------------------------------------------------
     output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
     seed: int | None = option(None, "Seed for reproducible training (weights init, data order, noise).")

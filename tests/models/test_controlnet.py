@@ -68,3 +68,36 @@ def test_condition_reaches_latent_grid(base):
     x, t, h, _ = inputs()
     down, mid = controlnet(x, t, encoder_hidden_states=h, controlnet_cond=torch.rand(2, 1, 64, 64), return_dict=False)
     assert down[0].shape[-2:] == x.shape[-2:]
+
+
+def condition_scale_at_last_conv(controlnet, condition):
+    """Std of what the condition encoder hands its (zero) last conv, over the std of the condition."""
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        h = torch.nn.functional.silu(embedding.conv_in(condition))
+        for conv in embedding.blocks:
+            h = torch.nn.functional.silu(conv(h))
+    return (h.std() / condition.std()).item()
+
+
+@pytest.mark.parametrize("vae_scale_factor", [4, 8])
+def test_unit_variance_init_passes_the_condition_on_at_its_scale(base, vae_scale_factor):
+    torch.manual_seed(0)
+    condition = torch.rand(2, 3, 64, 64) * 2 - 1
+    paper = build_controlnet(base.unet, vae_scale_factor, condition_encoder_init="paper")
+    unit = build_controlnet(base.unet, vae_scale_factor, condition_encoder_init="unit_variance")
+    paper_scale = condition_scale_at_last_conv(paper, condition)
+    unit_scale = condition_scale_at_last_conv(unit, condition)
+    assert paper_scale < 0.05  # the default init all but silences the condition
+    assert 0.1 < unit_scale < 5.0 and unit_scale > 5 * paper_scale
+    # the last conv is still zero, so the untrained ControlNet still changes nothing
+    assert torch.count_nonzero(unit.controlnet_cond_embedding.conv_out.weight) == 0
+    x, t, h, c = inputs()
+    if vae_scale_factor == base.vae_scale_factor:
+        with torch.no_grad():
+            assert torch.equal(predict_noise(base.unet, unit, x, t, h, c), base.unet(x, t, encoder_hidden_states=h).sample)
+
+
+def test_unknown_condition_encoder_init_is_refused(base):
+    with pytest.raises(ValueError, match="unit_variance"):
+        build_controlnet(base.unet, base.vae_scale_factor, condition_encoder_init="xavier")

@@ -26,6 +26,9 @@ class InitConfig:
         None, "Also write the base plus the ControlNet as one original-layout .safetensors (control_model.* keys), "
         "like tool_add_control.py's output.")
     conditioning_channels: int = option(3, "Channels of the conditioning image: 1, 3 or 4.", choices=[1, 3, 4])
+    condition_encoder_init: str = option(
+        "paper", "Initial weights of the condition encoder: 'paper' (PyTorch default, as diffusers) or "
+        "'unit_variance' (He-normal; see `zeroconv train --help`).", choices=["paper", "unit_variance"])
     seed: int = option(0, "Seed of the condition encoder's initial weights (everything else is copied or zero).")
     revision: str | None = option(None, "Revision of a hub base.")
     prediction_type: str | None = option(
@@ -52,11 +55,13 @@ def base_unet_and_scale(base: str, revision: str | None = None, prediction_type:
     return unet, 2 ** (len(vae_config["block_out_channels"]) - 1), None
 
 
-def initial_controlnet(unet, vae_scale_factor: int, conditioning_channels: int = 3, seed: int = 0):
+def initial_controlnet(unet, vae_scale_factor: int, conditioning_channels: int = 3, seed: int = 0,
+                       condition_encoder_init: str = "paper"):
     from zeroconv.models.controlnet import build_controlnet
 
     torch.manual_seed(seed)
-    return build_controlnet(unet, vae_scale_factor, conditioning_channels=conditioning_channels)
+    return build_controlnet(unet, vae_scale_factor, conditioning_channels=conditioning_channels,
+                            condition_encoder_init=condition_encoder_init)
 
 
 def main(argv: list[str]) -> int:
@@ -66,7 +71,8 @@ def main(argv: list[str]) -> int:
     if config.combined and Path(config.combined).suffix != ".safetensors":
         raise UserError(f"--combined {config.combined}: the combined file is written as .safetensors; change the suffix")
     unet, scale, original = base_unet_and_scale(config.base, config.revision, config.prediction_type)
-    controlnet = initial_controlnet(unet, scale, config.conditioning_channels, config.seed)
+    controlnet = initial_controlnet(unet, scale, config.conditioning_channels, config.seed,
+                                    config.condition_encoder_init)
     out = Path(config.out)
     controlnet.save_pretrained(out)
     print(f"initial ControlNet ({sum(p.numel() for p in controlnet.parameters()) / 1e6:.1f}M parameters) -> {out}")
