@@ -38,3 +38,36 @@ def test_bench_arguments():
     assert config_names_as_configs(["--config", "run.yaml"]) == ["--config", "run.yaml"]
     with pytest.raises(UserError, match="--variants"):
         main(["--config", "tiny", "--variants", "cached+fast"])
+
+
+def test_cpu_attention_flops_are_counted():
+    """SDPA on CPU runs flash-attention kernels that torch's FLOP counter does not know; the bench adds them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zeroconv.bench import count_cpu_attention_flops
+
+    count_cpu_attention_flops()
+    count_cpu_attention_flops()  # twice is harmless
+    q = torch.randn(2, 4, 64, 8, requires_grad=True)
+    kv = torch.randn(2, 4, 16, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv).sum().backward()
+    forward = 2 * 2 * (2 * 4 * 64 * 16 * 8)  # q @ k^T and p @ v
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == forward
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == forward * 5 // 2
+
+
+def test_toy_config_is_the_toy_base_architecture(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from zeroconv.bench import build_base
+    from zeroconv.models import toy_base
+
+    folder = build_base("toy", tmp_path / "toy")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    expected = toy_base.build_unet().config
+    assert list(unet.config.block_out_channels) == list(expected.block_out_channels)
+    assert list(unet.config.down_block_types) == list(expected.down_block_types)
+    assert (folder / "vae" / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file()

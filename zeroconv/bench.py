@@ -8,7 +8,8 @@ memory (RSS from the kernel's VmHWM, reset after warm-up so the figure is the st
 max_memory_allocated), the FLOPs of one step counted by torch.utils.flop_counter, and MFU: model FLOPs/s over a
 matmul peak measured on this machine in the same run.
 
-Configs: tiny (zeroconv.testing's tiny base), small (UNet blocks 64/128/256, VAE and CLIP scaled down from SD's),
+Configs: tiny (zeroconv.testing's tiny base), toy (the shipped toy base's architecture from
+zeroconv.models.toy_base's builders, random weights, 64 px), small (UNet blocks 64/128/256, VAE and CLIP scaled down from SD's),
 sd15 (SD 1.5's UNet, VAE and CLIP ViT-L shapes: a 361M-parameter ControlNet).
 
     zeroconv bench --config tiny small sd15 --json bench.json
@@ -32,6 +33,7 @@ from zeroconv.errors import EXIT_OK, UserError
 # name: (resolution, batch size, timed steps, warm-up steps, dataset size, variants)
 DEFAULTS = {
     "tiny": (64, 16, 20, 3, 64, ["uncached", "cached"]),
+    "toy": (64, 16, 20, 3, 64, ["uncached", "cached"]),
     "small": (256, 4, 8, 2, 16, ["uncached", "cached"]),
     "sd15": (256, 1, 1, 1, 2, ["uncached", "cached", "cached+gc"]),
 }
@@ -40,17 +42,21 @@ BUCKETS = ("data", "encoders", "controlnet_forward", "unet_forward", "backward",
 
 @dataclass
 class BenchConfig:
-    configs: list[str] = option(["tiny"], "Configs to run, in order: tiny, small, sd15 (also spelled --config "
+    configs: list[str] = option(["tiny"], "Configs to run, in order: tiny, toy, small, sd15 (also spelled --config "
                                 "NAME...; --config FILE.yaml still reads options from a file).")
-    resolution: int | None = option(None, "Training resolution (default: tiny 64, small 256, sd15 256).")
-    batch_size: int | None = option(None, "Batch size (default: tiny 16, small 4, sd15 1).")
-    steps: int | None = option(None, "Timed steps per variant (default: tiny 20, small 8, sd15 1).")
-    warmup: int | None = option(None, "Untimed steps first (default: tiny 3, small 2, sd15 1); the first one is "
+    resolution: int | None = option(None, "Training resolution (default: tiny 64, toy 64, small 256, sd15 256).")
+    batch_size: int | None = option(None, "Batch size (default: tiny 16, toy 16, small 4, sd15 1).")
+    steps: int | None = option(None, "Timed steps per variant (default: tiny 20, toy 20, small 8, sd15 1).")
+    warmup: int | None = option(None, "Untimed steps first (default: tiny 3, toy 3, small 2, sd15 1); the first one is "
                                 "also the one whose FLOPs are counted.")
     variants: list[str] | None = option(
-        None, "Variants: cached or uncached, each optionally with +gc (gradient checkpointing), +cl (channels_last), "
-        "+compile (default: uncached cached; sd15 adds cached+gc).")
+        None, "Variants: cached or uncached, each optionally with +gc (gradient checkpointing), +cl (channels_last "
+        "on), +nocl (off; without either, zeroconv train's auto rule), +compile (default: uncached cached; sd15 adds "
+        "cached+gc).")
     repeats: int = option(1, "Run each config's variants this many times, interleaved; figures are medians.")
+    threads: int = option(0, "Torch CPU threads of every variant and of the matmul peak (0: torch's default, "
+                          "the number of cores). On a machine shared with other jobs, fewer threads than cores keep "
+                          "each parallel region from waiting on a descheduled thread.")
     json: str | None = option(None, "Also write every figure to this JSON file.")
     workdir: str | None = option(None, "Keep the built bases, datasets and caches here (default: a temp folder).")
 
@@ -72,6 +78,16 @@ def build_base(name: str, folder: Path) -> Path:
     if name == "tiny":
         return make_tiny_base(folder)
     torch.manual_seed(0)
+    if name == "toy":  # the architecture zeroconv ships and trains in its demo, with fresh random weights
+        from zeroconv.models import toy_base
+
+        tokenizer = write_clip_tokenizer(folder / "tokenizer", toy_base.vocabulary(),
+                                         model_max_length=toy_base.MAX_PROMPT_TOKENS)
+        StableDiffusionPipeline(vae=toy_base.build_vae(), text_encoder=toy_base.build_text_encoder(tokenizer),
+                                tokenizer=tokenizer, unet=toy_base.build_unet(), scheduler=toy_base.build_scheduler(),
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(folder)
+        return folder
     tokenizer = write_clip_tokenizer(folder / "tokenizer", TINY_WORDS)
     if name == "small":
         unet = UNet2DConditionModel(
@@ -85,7 +101,7 @@ def build_base(name: str, folder: Path) -> Path:
         vae_channels, text = (128, 256, 512, 512), dict(hidden_size=768, intermediate_size=3072,
                                                         num_hidden_layers=12, num_attention_heads=12)
     else:
-        raise UserError(f"--config {name}: unknown; use tiny, small or sd15")
+        raise UserError(f"--config {name}: unknown; use tiny, toy, small or sd15")
     vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                         block_out_channels=vae_channels, layers_per_block=2, latent_channels=4,
                         sample_size=unet.config.sample_size * 8)
@@ -191,6 +207,24 @@ def instrument(t, clock: StepClock, flops: dict) -> None:
     t.optimizer.zero_grad = clock.wrap("optimizer", t.optimizer.zero_grad)
 
 
+def count_cpu_attention_flops() -> None:
+    """torch.utils.flop_counter counts CUDA's SDPA kernels but not the CPU flash-attention ones that SDPA runs on
+    CPU: without this the FLOPs (and MFU) of every attention layer would be left out. Same formulas as CUDA's."""
+    from torch.utils import flop_counter
+
+    aten = __import__("torch").ops.aten
+    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, \
+        aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(forward)(
+            lambda query, key, value, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_flop_count(query, key, value))
+    if backward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(backward)(
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad_out, query, key, value))
+
+
 def run_variant(spec: dict) -> dict:
     """Train `spec["warmup"]` steps (the first under a FLOP counter), then `spec["steps"]` timed ones."""
     import torch
@@ -201,6 +235,9 @@ def run_variant(spec: dict) -> dict:
     from zeroconv.train.run import setup
 
     parts = spec["variant"].split("+")
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    count_cpu_attention_flops()
     load_before = os.getloadavg()[0]
     cfg = TrainConfig(
         pretrained_model_name_or_path=spec["base"], train_data_dir=spec["data"], output_dir=spec["output_dir"],
@@ -208,7 +245,7 @@ def run_variant(spec: dict) -> dict:
         learning_rate=1e-5, lr_warmup_steps=0, checkpointing_steps=10**9, validation_steps=10**9,
         logging_steps=10**9, report_to="none", mixed_precision="no", cache="auto" if "cached" in parts else "off",
         latent_cache_dir=spec["cache_dir"], gradient_checkpointing="gc" in parts, compile="compile" in parts,
-        channels_last="cl" in parts, dataloader_num_workers=0)
+        channels_last=True if "cl" in parts else False if "nocl" in parts else None, dataloader_num_workers=0)
     start = time.perf_counter()
     t = setup(cfg)
     t.progress.disable = True
@@ -350,15 +387,17 @@ def main(argv: list[str] | None = None) -> int:
                 prog="zeroconv bench", description=__doc__.split("\n\n")[0])
     for name in cfg.configs:
         if name not in DEFAULTS:
-            raise UserError(f"--config {name}: unknown; use tiny, small or sd15")
+            raise UserError(f"--config {name}: unknown; use tiny, toy, small or sd15")
     for variant in cfg.variants or []:
         parts = variant.split("+")
-        if parts[0] not in ("cached", "uncached") or not set(parts[1:]) <= {"gc", "cl", "compile"}:
-            raise UserError(f"--variants {variant}: expected cached or uncached, optionally +gc, +cl, +compile")
+        if parts[0] not in ("cached", "uncached") or not set(parts[1:]) <= {"gc", "cl", "nocl", "compile"}:
+            raise UserError(f"--variants {variant}: expected cached or uncached, optionally +gc, +cl, +nocl, +compile")
     work = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="zeroconv_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     peak = matmul_peak_flops()
     print(f"matmul peak (fp32, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -375,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (data / "metadata.jsonl").is_file():
             make_image_dataset(data, n=max(samples, batch), size=resolution)
         common = {"config": name, "base": str(base), "data": str(data), "resolution": resolution, "batch_size": batch,
-                  "cache_dir": str(work / name / "cache"), "steps": steps, "warmup": warmup}
+                  "cache_dir": str(work / name / "cache"), "steps": steps, "warmup": warmup, "threads": cfg.threads}
         builds[name] = in_subprocess(common, CACHE_BUILD)
         print(f"{name}: cache built in {builds[name]['seconds']:.1f} s ({builds[name]['bytes'] / 2**20:.1f} MiB)",
               flush=True)

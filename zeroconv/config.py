@@ -268,9 +268,11 @@ class TrainConfig:
     set_grads_to_none: bool = option(False, "Free gradients between steps instead of zeroing them (saves memory).")
     compile: bool = option(False, "torch.compile the ControlNet (slow first steps, faster after); falls back to "
                            "eager with a warning where compilation fails.")
-    channels_last: bool = option(
-        False, "Keep the ControlNet and UNet weights in channels_last memory format. Measured on CPU (bench/RESULTS.md): "
-        "1.4x faster on a 3-level base at 256 px, 3x slower on the tiny base at 64 px; benchmark your setup first.")
+    channels_last: bool | None = option(
+        None, "Keep the ControlNet and UNet weights in channels_last memory format. Unset (the default, 'auto'): on "
+        "when the latent grid is at least 32x32 (e.g. SD at 256 px and up), where it measured faster on CPU "
+        "(bench/RESULTS.md), off for smaller grids such as the tiny and toy bases at 64 px, where it did not. The VAE "
+        "keeps the default layout either way, so a latent cache matches the live VAE exactly.")
     # --- validation and logging --------------------------------------------------------------------------------
     validation_prompt: list[str] | None = option(
         None, "Prompts for validation; pair one-to-one with --validation_image, or give one for all.")

@@ -1,0 +1,52 @@
+"""Lean-step choices of zeroconv.train.run: the channels_last auto rule and the AdamW implementation."""
+
+import pytest
+import torch
+
+from zeroconv.config import TrainConfig, parse
+from zeroconv.train.run import adamw_implementation, use_channels_last
+
+
+@pytest.mark.parametrize("requested, resolution, factor, expected", [
+    (None, 256, 8, True),    # 32x32 latents: on
+    (None, 512, 8, True),
+    (None, 64, 8, False),    # tiny base: 8x8
+    (None, 64, 4, False),    # toy base: 16x16
+    (True, 64, 8, True),     # an explicit flag wins
+    (False, 512, 8, False),
+])
+def test_channels_last_auto_rule(requested, resolution, factor, expected):
+    assert use_channels_last(requested, resolution, factor) is expected
+
+
+def test_channels_last_flag_spellings():
+    assert TrainConfig().channels_last is None
+    assert parse(TrainConfig, ["--channels_last"], prog="zeroconv train").channels_last is True
+    assert parse(TrainConfig, ["--channels_last", "false"], prog="zeroconv train").channels_last is False
+
+
+def test_fused_adamw_on_cpu_matches_the_reference_loop():
+    """fused=True is chosen on CPU and gives the plain per-tensor AdamW's weights to rounding."""
+    torch.manual_seed(0)
+    shapes = [(16, 8, 3, 3), (16,), (32, 16), (4, 4, 1, 1)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(5)]
+    choice = adamw_implementation([torch.nn.Parameter(p) for p in start])
+    assert choice == {"fused": True}
+
+    def train(**impl):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, **impl)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    for fused, loop in zip(train(**choice), train(foreach=False)):
+        assert not torch.equal(fused, torch.zeros_like(fused))
+        torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-6)
+
+
+def test_adamw_falls_back_to_foreach_for_non_float_or_empty():
+    assert adamw_implementation([]) == {"foreach": True}
