@@ -71,3 +71,44 @@ def test_toy_config_is_the_toy_base_architecture(tmp_path):
     assert list(unet.config.block_out_channels) == list(expected.block_out_channels)
     assert list(unet.config.down_block_types) == list(expected.down_block_types)
     assert (folder / "vae" / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file()
+
+
+def test_bench_source_resolution_writes_larger_images(tmp_path, monkeypatch):
+    """--source_resolution N stores the synthetic set as N px Fill PNGs (the uncached loader resizes them each
+    step); the cache is built from the same files at the training resolution, keyed apart from other resolutions."""
+    from PIL import Image
+
+    import zeroconv.bench as bench
+    from zeroconv.config import TrainConfig
+    from zeroconv.data.cache import build_for_training
+
+    monkeypatch.setattr(bench, "matmul_peak_flops", lambda: 1e10)
+    out, work = tmp_path / "bench.json", tmp_path / "work"
+    assert main(["--config", "tiny", "--resolution", "32", "--batch_size", "2", "--steps", "1", "--warmup", "1",
+                 "--source_resolution", "96", "--workdir", str(work), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    data = work / "tiny" / "fill-96px-64"
+    assert report["datasets"]["tiny"]["folder"] == str(data) and report["datasets"]["tiny"]["source_resolution"] == 96
+    rows = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines()]
+    assert len(rows) == 64 and rows[0]["prompt"].endswith("background")
+    for row in rows[:4]:
+        for key in ("source", "target"):
+            with Image.open(data / row[key]) as image:
+                assert image.size == (96, 96) and image.format == "PNG"
+    results = {r["variant"]: r for r in report["results"]}
+    assert set(results) == {"uncached", "cached"}
+    for r in results.values():
+        assert r["resolution"] == 32 and r["source_resolution"] == 96 and r["samples_per_s"] > 0
+    # one cache, at the training resolution; another resolution of the same files gets its own
+    cache_root = work / "tiny" / "cache"
+    first = [p for p in cache_root.iterdir() if p.is_dir()]
+    assert len(first) == 1
+    other = build_for_training(TrainConfig(pretrained_model_name_or_path=str(work / "tiny" / "base"),
+                                           train_data_dir=str(data), resolution=48, train_batch_size=2, seed=0,
+                                           mixed_precision="no", latent_cache_dir=str(cache_root)))
+    assert other.folder != first[0] and other.folder.parent == cache_root
+
+
+def test_bench_source_resolution_is_checked():
+    with pytest.raises(UserError, match="--source_resolution"):
+        main(["--config", "tiny", "--source_resolution", "8"])

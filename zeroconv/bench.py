@@ -1,7 +1,8 @@
 """`zeroconv bench`: training speed and memory of named configs, cached and uncached, against this machine's limit.
 
-Each config is built in code (random weights, a synthetic dataset at the training resolution) and written to a
-work folder; each variant then trains in a fresh process through the real `zeroconv train` setup and loop, so
+Each config is built in code (random weights, a synthetic dataset: colored squares at the training resolution,
+or with --source_resolution N zeroconv.data.synth's Fill examples stored as N px PNGs, as Fill50K stores 512 px) and
+written to a work folder; each variant then trains in a fresh process through the real `zeroconv train` setup and loop, so
 its peak memory is its own. Per variant: samples/s, the step split into data, encoders (VAE + text encoder, or
 the cache's read and latent draw), ControlNet forward, UNet forward, backward, optimizer and the rest, peak
 memory (RSS from the kernel's VmHWM, reset after warm-up so the figure is the steady step's; on CUDA,
@@ -13,6 +14,7 @@ zeroconv.models.toy_base's builders, random weights, 64 px), small (UNet blocks 
 sd15 (SD 1.5's UNet, VAE and CLIP ViT-L shapes: a 361M-parameter ControlNet).
 
     zeroconv bench --config tiny small sd15 --json bench.json
+    zeroconv bench --config tiny small --source_resolution 512   # data stored at 512 px, as Fill50K
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class BenchConfig:
     threads: int = option(0, "Torch CPU threads of every variant and of the matmul peak (0: torch's default, "
                           "the number of cores). On a machine shared with other jobs, fewer threads than cores keep "
                           "each parallel region from waiting on a descheduled thread.")
+    source_resolution: int = option(
+        0, "Side in pixels of the stored images of the bench's synthetic dataset (default 0: the training "
+        "resolution, colored squares, so the uncached loader barely resizes). N writes zeroconv synth fill's "
+        "Fill50K-layout examples (prompt.json, source/ and target/ PNGs) at N x N, e.g. 512 as Fill50K: the uncached "
+        "loader then decodes N px PNGs and resizes them to the training resolution every step, as real datasets "
+        "stored larger than the training resolution do; the cache is built once from the same files.")
     json: str | None = option(None, "Also write every figure to this JSON file.")
     workdir: str | None = option(None, "Keep the built bases, datasets and caches here (default: a temp folder).")
 
@@ -276,7 +284,8 @@ def run_variant(spec: dict) -> dict:
     model_flops = (step_flops - flops["encoders"]) / batch
     samples_per_s = steps * batch / elapsed
     return {
-        "config": spec["config"], "variant": spec["variant"], "resolution": spec["resolution"], "batch_size": batch,
+        "config": spec["config"], "variant": spec["variant"], "resolution": spec["resolution"],
+        "source_resolution": spec.get("source_resolution") or spec["resolution"], "batch_size": batch,
         "steps": steps, "samples_per_s": samples_per_s, "step_seconds": elapsed / steps,
         # CPU seconds of all this process's threads: less sensitive than wall time to other processes' load
         "samples_per_cpu_s": steps * batch / cpu_seconds, "step_cpu_seconds": cpu_seconds / steps,
@@ -340,7 +349,7 @@ def median_result(runs: list[dict]) -> dict:
 
 
 def table(results: list[dict], peak: float) -> str:
-    head = (f"{'config':<6} {'variant':<16} {'res':>4} {'bs':>3} {'samples/s':>9} {'step s':>7} {'smp/cpu-s':>9} | "
+    head = (f"{'config':<6} {'variant':<16} {'res':>4} {'src':>4} {'bs':>3} {'samples/s':>9} {'step s':>7} {'smp/cpu-s':>9} | "
             + " ".join(f"{b[:10]:>10}" for b in (*BUCKETS, "other"))
             + f" | {'peak RSS':>8} {'GFLOP/smp':>9} {'enc GF':>7} {'MFU':>6} {'load':>9}")
     lines = [head, "-" * len(head)]
@@ -348,7 +357,8 @@ def table(results: list[dict], peak: float) -> str:
         split = " ".join(f"{r['step_breakdown_seconds'][b] * 1e3:>8.0f}ms" for b in (*BUCKETS, "other"))
         memory = r["cuda_max_allocated_bytes"] or r["peak_rss_bytes"]
         lines.append(
-            f"{r['config']:<6} {r['variant']:<16} {r['resolution']:>4} {r['batch_size']:>3} {r['samples_per_s']:>9.2f} "
+            f"{r['config']:<6} {r['variant']:<16} {r['resolution']:>4} {r.get('source_resolution', r['resolution']):>4} "
+            f"{r['batch_size']:>3} {r['samples_per_s']:>9.2f} "
             f"{r['step_seconds']:>7.2f} {r['samples_per_cpu_s']:>9.2f} | {split} | {memory / 2**30:>6.2f}Gi {r['model_flops_per_sample'] / 1e9:>9.2f} "
             f"{r['encoder_flops_per_sample'] / 1e9:>7.2f} {r['model_flops_per_s'] / peak:>6.1%} "
             f"{r['load_average'][0]:>4.1f}/{r['load_average'][1]:<4.1f}")
@@ -371,6 +381,32 @@ def ratios(results: list[dict]) -> dict:
     return out
 
 
+def bench_dataset(folder: Path, n: int, resolution: int, source_resolution: int) -> tuple[Path, dict]:
+    """The config's synthetic training set under `folder`, written once and reused: at the training resolution
+    (colored squares, the default), or `source_resolution` px Fill examples in Fill50K's layout (PNG)."""
+    if not source_resolution:
+        from zeroconv.testing import make_image_dataset
+
+        data = folder / f"data-{resolution}"
+        if not (data / "metadata.jsonl").is_file():
+            make_image_dataset(data, n=n, size=resolution)
+        kind = f"{n} colored squares at {resolution} px (PNG, the training resolution)"
+    else:
+        from zeroconv.data.synth import write_fill
+
+        data = folder / f"fill-{source_resolution}px-{n}"
+        if not (data / "prompt.json").is_file():
+            write_fill(data, n, resolution=source_resolution, seed=0, palette="css", workers=1, overwrite=True,
+                       progress=False)
+        kind = (f"{n} Fill examples at {source_resolution} px (PNG, Fill50K layout), resized to {resolution} px "
+                f"by the uncached loader every step")
+    files = [p for p in data.rglob("*.png")]
+    info = {"folder": str(data), "examples": n, "source_resolution": source_resolution or resolution,
+            "png_bytes": sum(p.stat().st_size for p in files)}
+    info["description"] = f"{kind}, {info['png_bytes'] / len(files) / 1024:.1f} KiB a PNG on average"
+    return data, info
+
+
 def config_names_as_configs(argv: list[str]) -> list[str]:
     """`--config tiny small` names configs (the issue's spelling); `--config run.yaml` stays the YAML option."""
     out = list(argv)
@@ -388,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in cfg.configs:
         if name not in DEFAULTS:
             raise UserError(f"--config {name}: unknown; use tiny, toy, small or sd15")
+    if cfg.source_resolution and cfg.source_resolution < 16:
+        raise UserError(f"--source_resolution {cfg.source_resolution}: must be at least 16 pixels (or 0: the "
+                        "training resolution)")
     for variant in cfg.variants or []:
         parts = variant.split("+")
         if parts[0] not in ("cached", "uncached") or not set(parts[1:]) <= {"gc", "cl", "nocl", "compile"}:
@@ -401,20 +440,18 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak_flops()
     print(f"matmul peak (fp32, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    results, builds = [], {}
-    from zeroconv.testing import make_image_dataset
-
+    results, builds, datasets = [], {}, {}
     for name in cfg.configs:
         resolution, batch, steps, warmup, samples, variants = DEFAULTS[name]
         resolution, batch = cfg.resolution or resolution, cfg.batch_size or batch
         steps, warmup = cfg.steps or steps, cfg.warmup or warmup
         variants = cfg.variants or variants
         base = build_base(name, work / name / "base")
-        data = work / name / f"data-{resolution}"
-        if not (data / "metadata.jsonl").is_file():
-            make_image_dataset(data, n=max(samples, batch), size=resolution)
+        data, datasets[name] = bench_dataset(work / name, max(samples, batch), resolution, cfg.source_resolution)
+        print(f"{name}: dataset {datasets[name]['description']}", flush=True)
         common = {"config": name, "base": str(base), "data": str(data), "resolution": resolution, "batch_size": batch,
-                  "cache_dir": str(work / name / "cache"), "steps": steps, "warmup": warmup, "threads": cfg.threads}
+                  "source_resolution": datasets[name]["source_resolution"], "cache_dir": str(work / name / "cache"),
+                  "steps": steps, "warmup": warmup, "threads": cfg.threads}
         builds[name] = in_subprocess(common, CACHE_BUILD)
         print(f"{name}: cache built in {builds[name]['seconds']:.1f} s ({builds[name]['bytes'] / 2**20:.1f} MiB)",
               flush=True)
@@ -434,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({"matmul_peak_flops": peak, "bench": asdict(cfg), "cache_builds": builds,
+                                              "datasets": datasets,
                                               "results": results, "ratios": summary,
                                               "cpu_count": os.cpu_count()}, indent=1))
     return EXIT_OK
