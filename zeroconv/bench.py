@@ -61,7 +61,8 @@ class BenchConfig:
                           "each parallel region from waiting on a descheduled thread.")
     source_resolution: int = option(
         0, "Side in pixels of the stored images of the bench's synthetic dataset (default 0: the training "
-        "resolution, colored squares, so the uncached loader barely resizes). N writes zeroconv synth fill's "
+        "resolution, colored squares, so the uncached loader decodes small PNGs and does not resize). N writes "
+        "zeroconv synth fill's "
         "Fill50K-layout examples (prompt.json, source/ and target/ PNGs) at N x N, e.g. 512 as Fill50K: the uncached "
         "loader then decodes N px PNGs and resizes them to the training resolution every step, as real datasets "
         "stored larger than the training resolution do; the cache is built once from the same files.")
