@@ -25,6 +25,7 @@ def test_quick_demo_writes_scores_grid_and_curve_that_eval_recomputes(tmp_path, 
     assert grid.size[0] == 4 * 64 * 2  # condition | base alone | ControlNet | target, at twice the size
     assert Image.open(out / "curve.png").size == (640, 400)
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert any((out / "cache").iterdir())  # trained from cached latents and text embeddings
 
     # every reported figure comes back from the saved images
     means = score_samples(read_samples(out / "samples.jsonl"))

@@ -22,9 +22,6 @@ def test_toy_resolves_everywhere_a_base_is_taken():
     assert zeroconv.toy_base() == str(toy_base.toy_base_path()) == resolve_base("toy")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 open: the shipped toy base (zeroconv toy-base train --seed 0, 48 min) "
-                   "does not yet draw the prompted colors (measured ~0.31 circle / ~0.06 background accuracy); "
-                   "strict, so this turns into a failure to remove once a retrained base passes")
 def test_shipped_base_draws_the_prompted_colors():
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 
@@ -35,11 +32,13 @@ def test_shipped_base_draws_the_prompted_colors():
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     examples = [fill_example(seed=11, index=i, resolution=64, palette="distinct") for i in range(8)]
-    images = pipe([e.prompt for e in examples], num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+    images = pipe([e.prompt for e in examples], num_inference_steps=10, guidance_scale=3.0, height=64, width=64,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     scores = [fill_metrics(e.source, e.prompt, (im * 255).round().astype(np.uint8)) for e, im in zip(examples, images)]
     assert np.mean([s["background_color_accuracy"] for s in scores]) >= 0.75
     assert np.mean([s["circle_color_accuracy"] for s in scores]) >= 0.75
+    # ...but not where the outline is: placing the circle is the ControlNet's job (the demo's baseline)
+    assert np.mean([s["fill_iou"] for s in scores]) < 0.6
 
 
 def test_toy_base_train_runs_a_few_steps_and_loads(tmp_path, capsys):
@@ -52,6 +51,9 @@ def test_toy_base_train_runs_a_few_steps_and_loads(tmp_path, capsys):
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert pipe.vae.config.block_out_channels[-1] and 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
     assert "--unet_steps 2" in (out / "README.md").read_text()
+    # the schedule that lets a flat-color model take its colors from the prompt: zero terminal SNR, v-prediction
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
     image = pipe("red circle with blue background", num_inference_steps=2, height=64, width=64,
                  output_type="np").images[0]
     assert image.shape == (64, 64, 3)

@@ -101,11 +101,16 @@ def build_unet():
 
 
 def build_scheduler():
-    from diffusers import PNDMScheduler
+    from diffusers import DDIMScheduler
 
-    # SD 1.x's schedule and scheduler config; training reads it as DDPM, sampling picks its own sampler.
-    return PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    # SD 1.x's betas, rescaled to zero terminal SNR, with v-prediction and "trailing" timesteps (Lin et al. 2023,
+    # "Common Diffusion Noise Schedules and Sample Steps are Flawed"). SD's own schedule leaves a trace of the
+    # image's mean color in its noisiest step, so a model trained on it reads the color from that trace and, when
+    # sampling starts from pure noise, draws muddy mixed colors: on flat-colored shapes that is every image. At
+    # zero terminal SNR the last step is pure noise in training too, so the colors must come from the prompt.
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+                         rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,13 +133,14 @@ class ToyBaseConfig:
     caption_dropout: float = option(0.1, "Fraction of captions replaced by '' so classifier-free guidance works.")
     ema_decay: float = option(0.999, "Decay of the UNet and text encoder weight average that is saved.")
     offset_noise: float = option(
-        0.1, "Std of a per-image, per-channel constant added to the training noise. SD's schedule leaves a trace of "
-        "the image's mean in the noisiest latents; on flat-color images a model learns to read the color from that "
-        "trace instead of the prompt, and at sampling (no trace) draws wrong colors. The offset hides the trace.")
+        0.0, "Std of a per-image, per-channel constant added to the training noise (the older fix for flat colors; "
+        "the zero-terminal-SNR schedule of the toy base makes it unnecessary).")
     vae_from: str | None = option(None, "Reuse the autoencoder of an earlier toy base folder instead of training one.")
     unet_from: str | None = option(None, "Continue from the UNet and text encoder of an earlier toy base folder "
                                    "(same tokenizer words) instead of fresh weights.")
-    snr_gamma: float = option(5.0, "Min-SNR loss weighting gamma (0 turns it off); converges in fewer steps.")
+    snr_gamma: float = option(
+        0.0, "Min-SNR loss weighting gamma (0 turns it off). Off by default: its v-prediction form weighs the "
+        "pure-noise step, where the prompt alone decides the colors, by zero.")
     threads: int = option(0, "Torch CPU threads; 0 keeps torch's default.")
 
 
@@ -224,7 +230,7 @@ class WeightAverage:
 
 def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float, captions: list[str],
                cfg: ToyBaseConfig, generator: torch.Generator) -> None:
-    """SD's noise-prediction objective, UNet and text encoder trained together, captions dropped for CFG."""
+    """SD's denoising objective in v-prediction form, UNet and text encoder trained together, captions dropped for CFG."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
     from tqdm.auto import tqdm
@@ -255,10 +261,11 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float
         batch_ids[dropped] = empty_ids
         embeds = text_encoder(batch_ids, return_dict=False)[0]
         pred = unet(noisy, timesteps, embeds, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma > 0:  # min-SNR weighting for epsilon prediction (Hang et al. 2023)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma > 0:  # min-SNR weighting in its v-prediction form (Hang et al. 2023): finite at SNR 0
             snr = compute_snr(noise_scheduler, timesteps)
-            loss = loss * torch.clamp(snr, max=cfg.snr_gamma) / snr
+            loss = loss * torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)
         loss = loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -346,7 +353,7 @@ def write_card(out: Path, cfg: ToyBaseConfig, command: str, seconds: float, vae_
     card = f"""# zeroconv toy base
 
 A small Stable Diffusion model (diffusers layout: AutoencoderKL, CLIPTextModel + CLIPTokenizer,
-UNet2DConditionModel, SD 1.x noise schedule) that zeroconv trained itself, so `zeroconv demo` and the tests need
+UNet2DConditionModel, SD 1.x betas rescaled to zero terminal SNR, v-prediction) that zeroconv trained itself, so `zeroconv demo` and the tests need
 no download. It draws one colored shape on a colored background at {RESOLUTION} px from prompts such as
 "red circle with navy background"; it knows the colors and the shapes but not where to place them.
 
