@@ -24,3 +24,16 @@ def test_python_dash_m_and_train_help():
     proc = subprocess.run([sys.executable, "-m", "zeroconv", "train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "--proportion_empty_prompts" in proc.stdout and "default: 0.5" in proc.stdout
+
+
+def test_only_the_torchvision_notice_of_transformers_is_dropped(caplog):
+    import logging
+
+    from zeroconv.cli import quiet_torchvision_notice
+
+    quiet_torchvision_notice()
+    logger = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to ...")
+        logger.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]

@@ -7,6 +7,7 @@ command's heavy imports never slow another. A UserError anywhere becomes one lin
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -48,8 +49,16 @@ def resolve(command: str):
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def quiet_torchvision_notice() -> None:
+    """zeroconv does not use torchvision (its wheel does not import beside the CPU torch these machines install);
+    transformers says so on every pipeline load. Drop that one notice, nothing else."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_torchvision_notice()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
