@@ -13,11 +13,6 @@ import sys
 
 from zeroconv.errors import EXIT_USER_ERROR, UserError
 
-# On a CPU shared with other processes, torch's OpenMP threads spin while they wait for each other, and a step
-# that takes 0.5 s alone took 8 s beside one other job here. Waiting passively costs nothing on an idle machine.
-# Set before any command imports torch; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 # command -> (module:function, one-line summary). The flow of data reads top to bottom.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("zeroconv.data.synth:main", "write a synthetic dataset (Fill50K-compatible circles)"),

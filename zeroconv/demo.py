@@ -14,16 +14,23 @@ convergence"), and writes into --output_dir:
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from zeroconv.config import option, parse
-from zeroconv.errors import UserError
+# On a CPU shared with other processes, torch's spinning OpenMP threads wait on each other: steps 10-16x slower were
+# measured on a loaded 2-core machine. Passive waiting avoids that, at a price on an idle machine (up to 2x on the
+# tiniest bench model's step, whose parallel regions are microseconds long). The demo's figures were measured with
+# it; a user's own OMP_WAIT_POLICY wins. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from zeroconv.config import option, parse  # noqa: E402
+from zeroconv.errors import UserError  # noqa: E402
 
 CONTROL_THRESHOLD = 0.5
 SCORES = ("fill_iou", "circle_color_accuracy", "background_color_accuracy")
