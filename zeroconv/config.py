@@ -198,9 +198,9 @@ class TrainConfig:
     condition_encoder_init: str = option(
         "paper", "Initial weights of the ControlNet's condition encoder (the small convnet that brings the condition "
         "image onto the latent grid). 'paper': PyTorch's default init, as lllyasviel's code and diffusers. "
-        "'unit_variance': He-normal weights, zero biases, so the condition reaches the zero convolution at the "
-        "latents' scale instead of 100-1000x weaker; the hint path learns from the first steps (on the toy Fill "
-        "demo control appears in a fraction of the steps). Either way the last conv is zero and the untrained "
+        "'unit_variance': He-normal weights, zero biases: the condition reaches the zero convolution 8x stronger "
+        "(the default init weakens it 30-60x), so the hint path learns from the first steps (on the toy Fill "
+        "demo control appears at step 50 instead of 250). Either way the last conv is zero and the untrained "
         "ControlNet changes nothing.", choices=["paper", "unit_variance"])
     # --- output and checkpoints -------------------------------------------------------------------------------
     output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
