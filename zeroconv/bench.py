@@ -92,10 +92,8 @@ def build_base(name: str, folder: Path) -> Path:
 
         tokenizer = write_clip_tokenizer(folder / "tokenizer", toy_base.vocabulary(),
                                          model_max_length=toy_base.MAX_PROMPT_TOKENS)
-        StableDiffusionPipeline(vae=toy_base.build_vae(), text_encoder=toy_base.build_text_encoder(tokenizer),
-                                tokenizer=tokenizer, unet=toy_base.build_unet(), scheduler=toy_base.build_scheduler(),
-                                safety_checker=None, feature_extractor=None,
-                                requires_safety_checker=False).save_pretrained(folder)
+        toy_base.save_pipeline(folder, toy_base.build_vae(), toy_base.build_text_encoder(tokenizer), tokenizer,
+                               toy_base.build_unet())
         return folder
     tokenizer = write_clip_tokenizer(folder / "tokenizer", TINY_WORDS)
     if name == "small":

@@ -175,6 +175,9 @@ def save_yaml(config, path: str | Path) -> None:
 from dataclasses import dataclass  # noqa: E402
 
 
+# Initial weights of the ControlNet condition encoder (zeroconv.models.controlnet.build_controlnet).
+CONDITION_ENCODER_INITS = ("paper", "unit_variance")
+
 @dataclass
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
@@ -201,7 +204,7 @@ class TrainConfig:
         "'unit_variance': He-normal weights, zero biases: the condition reaches the zero convolution 8x stronger "
         "(the default init weakens it 30-60x), so the hint path learns from the first steps (on the toy Fill "
         "demo control appears at step 50 instead of 250). Either way the last conv is zero and the untrained "
-        "ControlNet changes nothing.", choices=["paper", "unit_variance"])
+        "ControlNet changes nothing.", choices=list(CONDITION_ENCODER_INITS))
     # --- output and checkpoints -------------------------------------------------------------------------------
     output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
     seed: int | None = option(None, "Seed for reproducible training (weights init, data order, noise).")

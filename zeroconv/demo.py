@@ -29,7 +29,7 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from zeroconv.config import option, parse  # noqa: E402
+from zeroconv.config import CONDITION_ENCODER_INITS, option, parse  # noqa: E402
 from zeroconv.errors import UserError  # noqa: E402
 
 CONTROL_THRESHOLD = 0.5
@@ -51,7 +51,7 @@ class DemoConfig:
         1e-3, "ControlNet learning rate: high, because a tiny ControlNet at SD's 1e-5 would need hours to converge.")
     condition_encoder_init: str = option(
         "unit_variance", "Initial weights of the ControlNet's condition encoder (see `zeroconv train --help`); "
-        "'paper' shows how much later control appears with the default init.", choices=["paper", "unit_variance"])
+        "'paper' shows how much later control appears with the default init.", choices=list(CONDITION_ENCODER_INITS))
     cache: str = option("auto", "Cache the training set's latents and text embeddings (`zeroconv train --cache`), "
                         "in OUT/cache; 'off' encodes every batch.", choices=["auto", "off"])
     lr_warmup_steps: int = option(50, "Warm-up steps.")

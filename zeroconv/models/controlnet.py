@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from zeroconv.config import CONDITION_ENCODER_INITS
+
 # The paper's condition encoder widths for SD's 8x VAE; shallower VAEs (the toy base) take a prefix.
 PAPER_CONDITION_CHANNELS = (16, 32, 96, 256)
 
@@ -21,9 +23,6 @@ def condition_encoder_channels(vae_scale_factor: int) -> tuple[int, ...]:
     if 2**downsamplings != vae_scale_factor or not 1 <= downsamplings <= 3:
         raise ValueError(f"VAE scale factor {vae_scale_factor} is not 2, 4 or 8")
     return PAPER_CONDITION_CHANNELS[: downsamplings + 1]
-
-
-CONDITION_ENCODER_INITS = ("paper", "unit_variance")
 
 
 def build_controlnet(unet, vae_scale_factor: int = 8, conditioning_channels: int = 3,

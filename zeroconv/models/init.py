@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from zeroconv.config import option, parse
+from zeroconv.config import CONDITION_ENCODER_INITS, option, parse
 from zeroconv.errors import UserError
 
 
@@ -28,7 +28,7 @@ class InitConfig:
     conditioning_channels: int = option(3, "Channels of the conditioning image: 1, 3 or 4.", choices=[1, 3, 4])
     condition_encoder_init: str = option(
         "paper", "Initial weights of the condition encoder: 'paper' (PyTorch default, as diffusers) or "
-        "'unit_variance' (He-normal; see `zeroconv train --help`).", choices=["paper", "unit_variance"])
+        "'unit_variance' (He-normal; see `zeroconv train --help`).", choices=list(CONDITION_ENCODER_INITS))
     seed: int = option(0, "Seed of the condition encoder's initial weights (everything else is copied or zero).")
     revision: str | None = option(None, "Revision of a hub base.")
     prediction_type: str | None = option(
