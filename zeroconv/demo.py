@@ -133,17 +133,6 @@ def generate(pipe, held_out: HeldOut, cfg: DemoConfig, with_condition: bool):
         return pipe(held_out.prompts, **kwargs).images
 
 
-def base_alone_pipeline(base):
-    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
-
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Pictures
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,6 +246,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns the summary written to OUT/summary.json."""
     from zeroconv.data.synth import write_fill
     from zeroconv.models.base import check_base_arg, load_base
+    from zeroconv.models.pipeline import build_pipeline
     from zeroconv.train.run import train
 
     check_base_arg(cfg.base, flag="--base")  # before minutes of data writing
@@ -282,7 +272,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     log(f"[2/4] sampling the base alone ({cfg.base}) on the held-out prompts: the baseline")
     base = load_base(cfg.base)
-    base_images = generate(base_alone_pipeline(base), held_out, cfg, with_condition=False)
+    base_images = generate(build_pipeline(base), held_out, cfg, with_condition=False)
     baseline = recorder.record("base", 0, base_images)
     log(format_table(baseline, []))
     del base

@@ -15,15 +15,8 @@ import torch
 
 from zeroconv.config import option, parse
 from zeroconv.errors import UserError
+from zeroconv.models.pipeline import SCHEDULERS, build_pipeline, load_controlnet
 
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -109,37 +102,10 @@ def read_training_config(controlnet: str) -> dict:
     return {}
 
 
-def load_controlnet(path: str):
-    from diffusers import ControlNetModel
-
-    folder = Path(path)
-    if (folder / "controlnet" / "config.json").is_file():  # a checkpoint-N folder
-        folder = folder / "controlnet"
-    if folder.exists() and not (folder / "config.json").is_file():
-        raise UserError(f"--controlnet {path}: no config.json; expected a diffusers ControlNet folder, a zeroconv "
-                        "output_dir or checkpoint (use `zeroconv import` for a single file)")
-    return ControlNetModel.from_pretrained(str(folder) if folder.exists() else path)
-
-
-def build_sampling_pipeline(base_name: str, controlnet, scheduler: str, device: str, dtype: torch.dtype):
-    import diffusers
-    from diffusers import StableDiffusionControlNetPipeline
-
-    from zeroconv.models.base import load_base
-
-    base = load_base(base_name)
-    class_name, extra = SCHEDULERS[scheduler]
-    sampler = getattr(diffusers, class_name).from_config(base.noise_scheduler.config, **extra)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, controlnet=controlnet,
-        scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe.to(device, dtype)
-
-
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from zeroconv.models.base import check_base_arg
+    from zeroconv.models.base import check_base_arg, load_base
     from zeroconv.train.validate import load_condition
 
     cfg = parse(SampleConfig, argv, prog="zeroconv sample", description=__doc__)
@@ -160,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         cfg.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
 
-    controlnet = load_controlnet(cfg.controlnet)
+    # loaded in the dtype they sample in, then only moved: a cast after loading is what diffusers warns about
+    controlnet = load_controlnet(cfg.controlnet, dtype)
     channels = controlnet.config.conditioning_channels
-    pipe = build_sampling_pipeline(base_name, controlnet, cfg.scheduler, device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = build_pipeline(load_base(base_name, dtype=dtype), controlnet, scheduler=cfg.scheduler).to(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -251,3 +252,36 @@ def test_zeroconv_train_reads_the_prepared_folder_with_no_column_flags(tmp_path,
     assert run_training(cfg) == 0
     assert (tmp_path / "run" / "diffusion_pytorch_model.safetensors").is_file() or any(
         (tmp_path / "run").rglob("diffusion_pytorch_model.safetensors"))
+
+
+def test_empty_captions_get_one_notice_naming_the_options_and_the_summary_counts_sources(tmp_path, caplog,
+                                                                                       capsys):
+    images = tmp_path / "photos"
+    write_photos(images, 3)
+    caplog.set_level(logging.WARNING, logger="zeroconv.prepare")
+    assert main(["--images", str(images), "--condition", "canny", "--out", str(tmp_path / "bare"), "--resolution",
+                 "32", "--num_proc", "1"]) == 0
+    notices = [r.getMessage() for r in caplog.records if r.name == "zeroconv.prepare"]
+    assert len(notices) == 1 and notices[0].startswith("3 of 3 images have no caption")
+    for flag in ("--caption_model", "--caption_template", "photo.txt", "--caption_file"):
+        assert flag in notices[0]
+    assert "captions: 3 empty;" in capsys.readouterr().out
+
+    # one image with a sidecar: the notice counts the other two
+    (images / "nested/img001.txt").write_text("a cat")
+    caplog.clear()
+    report = run(images, tmp_path / "partly", "--condition", "canny", "--resolution", "32", "--num_proc", "1")
+    assert [r.getMessage()[:30] for r in caplog.records] == ["2 of 3 images have no caption:"]
+    assert report["counts"]["captions_by_source"] == {"empty": 2, "sidecar": 1}
+    assert "captions: 1 sidecar, 2 empty;" in report["summary"]
+
+    # every image captioned by some source: no notice
+    mapping = tmp_path / "captions.csv"
+    mapping.write_text("file_name,text\nnested/deeper/img000.png,a dog\nimg002.webp,a bird\n")
+    for out, flags in (("mapped", ["--caption_file", str(mapping)]),
+                       ("templated", ["--caption_template", "a photo of {stem}"])):
+        caplog.clear()
+        report = run(images, tmp_path / out, "--condition", "canny", "--resolution", "32", "--num_proc", "1", *flags)
+        assert not [r for r in caplog.records if r.name == "zeroconv.prepare"], out
+        assert "empty" not in report["counts"]["captions_by_source"], out
+    assert report["counts"]["captions_by_source"] == {"sidecar": 1, "template": 2}

@@ -440,11 +440,11 @@ def build_for_training(cfg) -> LatentCache:
     dataset = ControlNetDataset(load_examples(cfg), PairedTransform(cfg.resolution, cfg.conditioning_channels),
                                 seed=seed, random_flip=cfg.random_flip, strict_data=cfg.strict_data,
                                 condition_fn=condition_fn)
-    base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base.vae.to(dtype=weight_dtype)
-    base.text_encoder.to(dtype=weight_dtype)
+    # loaded in the training dtype, as the encoders of `zeroconv train` hold it (a cast after loading makes
+    # diffusers warn, and gives the same weights)
+    base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=weight_dtype)
     return cache_for(cfg, dataset, base, accelerator.device, weight_dtype, seed)
 
 

@@ -8,6 +8,9 @@
 A template then shapes the final text: `--caption_template "a photo of a face, {caption}"`. Its fields are
 {caption} (what the sources gave, '' if none), {stem} (file name without extension), {folder} (the image's folder
 relative to --images) and {condition}.
+
+A final text comes from one of CAPTION_SOURCES: a sidecar, the mapping file, the model, the template alone (no
+source had a caption, the template's own words did), or it is empty.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ SIDECAR_SUFFIXES = (".txt", ".caption")
 FILE_KEYS = ("file_name", "image", "file", "path", "filename")
 CAPTION_KEYS = ("text", "caption", "prompt", "image_caption")
 TEMPLATE_FIELDS = ("caption", "stem", "folder", "condition")
+CAPTION_SOURCES = ("sidecar", "mapping", "model", "template", "empty")  # the order summaries list them in
 
 
 def sidecar_caption(image_path: Path) -> str | None:
@@ -119,6 +123,25 @@ def fill_template(template: str | None, caption: str | None, relative: str, cond
     rel = PurePosixPath(relative)
     folder = str(rel.parent) if str(rel.parent) != "." else ""
     return template.format(caption=caption, stem=rel.stem, folder=folder, condition=condition).strip()
+
+
+def text_source(text: str, source: str | None) -> str:
+    """Where a final caption text came from, one of CAPTION_SOURCES: `source` is what the lookup or the model
+    said ('sidecar', 'mapping', 'model'), None when none of them had a caption."""
+    if not text:
+        return "empty"
+    return source or "template"
+
+
+def empty_captions_notice(empty: int, total: int, sidecars: bool) -> str:
+    """The one notice of `zeroconv prepare` when captions will be empty: how many, and every option that fills
+    them."""
+    sidecar = "photo.txt or photo.caption sidecar files beside the photos" + (
+        "" if sidecars else " (read with --sidecar_captions true)")
+    return (f"{empty} of {total} images have no caption: their text in metadata.jsonl will be empty. Captions are "
+            "recommended (training pairs each condition with its prompt); fill them with --caption_model (an "
+            "image-to-text model, e.g. Salesforce/blip-image-captioning-large), --caption_template (e.g. "
+            f"'a photo of {{stem}}'), {sidecar}, or --caption_file (a CSV or JSONL mapping file -> caption)")
 
 
 class ModelCaptioner:

@@ -30,9 +30,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import struct
+import sys
 import time
 import zlib
 from collections import Counter
@@ -44,9 +46,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zeroconv.config import option, parse, to_dict
-from zeroconv.data.captions import CaptionLookup, check_template, fill_template, read_caption_file
+from zeroconv.data.captions import (CAPTION_SOURCES, CaptionLookup, check_template, empty_captions_notice,
+                                    fill_template, read_caption_file, text_source)
 from zeroconv.data.conditions import EXTRACTORS, BadInput, get_extractor
 from zeroconv.errors import UserError
+
+logger = logging.getLogger("zeroconv.prepare")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 IMAGE_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -480,11 +485,26 @@ def write_preview(out: Path, rows: list[dict], count: int, thumb: int = 128) -> 
     write_atomic(out / "preview.png", buffer.getvalue(), out / STATE_DIR / "tmp")
 
 
-def summarize(found: int, rows: int, skipped: list[dict], out: Path, seconds: float) -> str:
+def count_empty_captions(cfg: PrepareConfig, lookup: CaptionLookup, tasks: list[Task]) -> int:
+    """How many of the images will get an empty text: no sidecar or mapping caption, no --caption_model to write
+    one, no words of a --caption_template. Counted before the run (a lookup is a file check), so the notice
+    comes before the wait, not after it."""
+    if cfg.caption_model:
+        return 0
+    root = Path(cfg.images)
+    return sum(1 for task in tasks
+               if not fill_template(cfg.caption_template, lookup(root / task.relative, task.relative)[0],
+                                    task.relative, cfg.condition))
+
+
+def summarize(found: int, rows: int, skipped: list[dict], captions: dict[str, int], out: Path,
+              seconds: float) -> str:
     kinds = Counter(r["kind"] for r in skipped)
     detail = f" ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))})" if kinds else ""
+    by_source = ", ".join(f"{captions[source]} {source}" for source in CAPTION_SOURCES if captions.get(source))
     return (f"prepared {rows} of {found} images, {len(skipped)} skipped{detail} -> {out} in {seconds:.1f} s "
-            f"({found / max(seconds, 1e-9):.1f} images/s); report: {out / 'report.json'}")
+            f"({found / max(seconds, 1e-9):.1f} images/s); captions: {by_source or 'none'}; "
+            f"report: {out / 'report.json'}")
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -503,6 +523,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     records = {t.relative: read_record(out, t.relative) for t in tasks}
     todo = [t for t in tasks if not is_done(records[t.relative], root)]
     resumed = len(tasks) - len(todo)
+    empty = count_empty_captions(cfg, lookup, tasks)
+    if empty:
+        logger.warning(empty_captions_notice(empty, len(tasks), cfg.sidecar_captions))
     scanned = time.perf_counter()
 
     run_conditions(cfg, todo, lookup, resumed, len(tasks), cfg.strict)
@@ -511,7 +534,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     captioned_by_model = run_captioner(cfg, out, records)
     captioned = time.perf_counter()
 
-    rows, skipped, converted = [], [], []
+    rows, skipped, converted, sources = [], [], [], Counter()
     for task in tasks:  # sorted by relative path: the row order does not depend on the run's history
         record = records[task.relative]
         if record is None:  # pragma: no cover - every task was recorded above
@@ -520,6 +543,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             skipped.append({"file": task.relative, "kind": record["kind"], "reason": record["reason"]})
             continue
         text = fill_template(cfg.caption_template, record["caption"], task.relative, cfg.condition)
+        sources[text_source(text, record.get("caption_source"))] += 1
         rows.append({"file_name": record["file_name"],
                      "conditioning_image_file_name": record["conditioning_image_file_name"], "text": text})
         if record["notes"]:
@@ -530,10 +554,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         write_preview(out, rows, cfg.preview)
     finished = time.perf_counter()
 
-    ok_records = [records[t.relative] for t in tasks if records[t.relative]["status"] == "ok"]
-    sources = Counter(r.get("caption_source") or "none" for r in ok_records)
     report = {
-        "summary": summarize(len(tasks), len(rows), skipped, out, finished - started),
+        "summary": summarize(len(tasks), len(rows), skipped, sources, out, finished - started),
         "counts": {
             "found": len(tasks), "prepared": len(rows), "skipped": len(skipped),
             "skipped_by_kind": dict(sorted(Counter(s["kind"] for s in skipped).items())),
@@ -558,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(PrepareConfig, argv, prog="zeroconv prepare",
                 description="Photos -> training dataset: compute each image's condition and caption, in parallel, "
                 "resumably; bad files are skipped and listed in OUT/report.json.")
+    # zeroconv's warnings (the empty-captions notice) as `zeroconv train` shows them, on stderr beside the progress
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     report = prepare(cfg)
     print(report["summary"])
     return 0

@@ -76,7 +76,9 @@ class Base:
 
 
 def load_base(name: str, revision: str | None = None, variant: str | None = None, cache_dir: str | None = None,
-              tokenizer_name: str | None = None) -> Base:
+              tokenizer_name: str | None = None, dtype=None) -> Base:
+    """The base's frozen parts; with `dtype` (a torch dtype) their weights are loaded in it. Sampling loads in its
+    dtype rather than casting after: diffusers warns on every `.to(dtype)` of a model (zeroconv.models.pipeline)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -85,18 +87,20 @@ def load_base(name: str, revision: str | None = None, variant: str | None = None
     if Path(path).is_file():
         from zeroconv.models.single_file import load_sd_single_file
 
-        parts = load_sd_single_file(path, tokenizer_name=tokenizer_name)
+        parts = load_sd_single_file(path, tokenizer_name=tokenizer_name, dtype=dtype)
         base = Base(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
                     DDPMScheduler.from_config(parts["scheduler"].config), source=name)
     else:
         common = dict(revision=revision, cache_dir=cache_dir)
+        # torch_dtype, not dtype: the spelling both diffusers and transformers (4.x and 5) accept
+        weights = dict(variant=variant, torch_dtype=dtype, **common)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or path, subfolder=None if tokenizer_name else
                                                   "tokenizer", use_fast=False, **common)
         base = Base(
             tokenizer=tokenizer,
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **common),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **common),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **common),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common),
             source=name,
         )

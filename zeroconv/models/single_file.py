@@ -111,30 +111,32 @@ def _config(metadata: dict, component: str, inferred) -> dict:
     return json.loads(stated) if stated else inferred()
 
 
-def _filled(model_class, state_dict: dict, config):
-    """A model built without storage, then given the converted tensors (no second copy in memory)."""
+def _filled(model_class, state_dict: dict, config, dtype=None):
+    """A model built without storage, then given the converted tensors (no second copy in memory), converted to
+    `dtype` here: a `.to(dtype)` of the built model would make diffusers warn (zeroconv.models.pipeline)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.load_state_dict(_cast(state_dict, dtype), strict=True, assign=True)
     return model.eval()
 
 
 def load_sd_single_file(path: str | Path, prediction_type: str | None = None, components=COMPONENTS,
-                        tokenizer_name: str | None = None) -> dict:
+                        tokenizer_name: str | None = None, dtype=None) -> dict:
     """The parts of an original-layout SD 1.x/2.x checkpoint as diffusers/transformers objects, offline.
 
     Returns {component: object} for the requested `components` (all by default): unet, vae, text_encoder,
     tokenizer, scheduler. The tokenizer is not in the file: `tokenizer_name` (a folder or hub id), else the one
-    the checkpoint's family was trained with, from the local hub cache when offline."""
+    the checkpoint's family was trained with, from the local hub cache when offline. With `dtype`, the floating
+    point weights are converted to it as they are loaded (otherwise they keep the file's dtype)."""
     path = Path(path)
     return sd_components(*read_checkpoint(path), path=path, prediction_type=prediction_type,
-                         components=components, tokenizer_name=tokenizer_name)
+                         components=components, tokenizer_name=tokenizer_name, dtype=dtype)
 
 
 def sd_components(checkpoint: dict, metadata: dict, path: Path, prediction_type: str | None = None,
-                  components=COMPONENTS, tokenizer_name: str | None = None) -> dict:
+                  components=COMPONENTS, tokenizer_name: str | None = None, dtype=None) -> dict:
     """load_sd_single_file on a checkpoint already read (by read_checkpoint)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as ldm
@@ -148,11 +150,12 @@ def sd_components(checkpoint: dict, metadata: dict, path: Path, prediction_type:
     if "unet" in components:
         config = _config(metadata, "unet", lambda: {**formats.infer_unet_config(checkpoint),
                                                      "sample_size": sample_size})
-        parts["unet"] = _filled(UNet2DConditionModel, ldm.convert_ldm_unet_checkpoint(checkpoint, config), config)
+        parts["unet"] = _filled(UNet2DConditionModel, ldm.convert_ldm_unet_checkpoint(checkpoint, config), config,
+                                dtype)
     if "vae" in components:
         config = _config(metadata, "vae", lambda: {**formats.infer_vae_config(checkpoint),
                                                     "scaling_factor": ldm.LDM_VAE_DEFAULT_SCALING_FACTOR})
-        parts["vae"] = _filled(AutoencoderKL, ldm.convert_ldm_vae_checkpoint(checkpoint, config), config)
+        parts["vae"] = _filled(AutoencoderKL, ldm.convert_ldm_vae_checkpoint(checkpoint, config), config, dtype)
     if "text_encoder" in components:
         from accelerate import init_empty_weights
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -167,7 +170,7 @@ def sd_components(checkpoint: dict, metadata: dict, path: Path, prediction_type:
         if not hasattr(shell, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
             converted = {key.removeprefix("text_model."): value for key, value in converted.items()}
         converted = {key: value for key, value in converted.items() if not key.endswith("position_ids")}
-        parts["text_encoder"] = _filled(CLIPTextModel, converted, config)
+        parts["text_encoder"] = _filled(CLIPTextModel, converted, config, dtype)
     if "tokenizer" in components:
         parts["tokenizer"] = load_tokenizer(tokenizer_name, kind, path)
     if "scheduler" in components:

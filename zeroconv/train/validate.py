@@ -66,17 +66,6 @@ def make_grid(rows: list[tuple[Image.Image, list[Image.Image], str]], caption_he
     return grid
 
 
-def build_pipeline(base, controlnet, unet, device, dtype):
-    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
-
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def generate(pipe, pairs_with_conditions, num_images: int, seed: int, steps: int, guidance: float, device):
     """Samples for each (condition tensor, prompt); image k of every pair uses seed + k."""
     results = []
@@ -106,11 +95,14 @@ def run_validation(t, step: int) -> dict[str, float]:
 
 
 def _run_validation(t, step: int) -> dict[str, float]:
+    from zeroconv.models.pipeline import build_pipeline
+
     cfg = t.cfg
     controlnet = t.accelerator.unwrap_model(t.controlnet)
     unet = t.accelerator.unwrap_model(t.unet)
     t.encoders_to_device()  # a cached run keeps the VAE and text encoder off the device until now
-    pipe = build_pipeline(t.base, controlnet, unet, t.device, t.weight_dtype)
+    # the live modules, in the dtypes training holds them in: nothing is copied or cast for a validation
+    pipe = build_pipeline(t.base, controlnet, unet=unet)
     metrics: dict[str, float] = {}
     pairs = [(load_condition(path, cfg.resolution, cfg.conditioning_channels), prompt)
              for path, prompt in t.validation_pairs]
