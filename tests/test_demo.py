@@ -27,6 +27,12 @@ def test_quick_demo_writes_scores_grid_and_curve_that_eval_recomputes(tmp_path, 
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     assert any((out / "cache").iterdir())  # trained from cached latents and text embeddings
 
+    from zeroconv.report import read_run
+
+    page = (out / "report.html").read_text()  # the page of `zeroconv report`, written by the demo itself
+    assert 'id="slider-0" min="0" max="2"' in page and "still training" not in page
+    assert [step for step, _ in read_run(out).grids] == [0, 2, 4]  # the base alone, then every validation
+
     # every reported figure comes back from the saved images
     means = score_samples(read_samples(out / "samples.jsonl"))
     assert abs(means["base"]["fill_iou"] - summary["baseline"]["fill_iou"]) < 1e-9

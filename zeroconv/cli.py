@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("zeroconv.train.run:main", "train a ControlNet (flags of diffusers' train_controlnet.py)"),
     "sample": ("zeroconv.sample:main", "generate images with a base + ControlNet from condition images"),
     "eval": ("zeroconv.evaluate.cli:main", "controllability metrics of generated images"),
+    "report": ("zeroconv.report:main", "one HTML page of runs: a slider over validation grids, loss and metric curves"),
     "export": ("zeroconv.export:main", "ControlNet -> A1111/ComfyUI single file or diffusers folder"),
     "import": ("zeroconv.export:import_main", "original-layout single file -> diffusers folder"),
     "push": ("zeroconv.export:push_main", "upload a trained ControlNet, card and grids to the Hub"),

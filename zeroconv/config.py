@@ -292,6 +292,10 @@ class TrainConfig:
     validation_baseline: bool = option(
         True, "With a --validation_metric, also validate before the first step: the base alone (an untrained "
         "ControlNet changes nothing), the baseline the controllability curve is read against.")
+    report: bool = option(
+        False, "Write output_dir/report.html at every validation and at the end: the page of `zeroconv report` (a "
+        "slider over the validation grids, the loss and controllability curves, the run's summary), self-contained, "
+        "so it can stay open in a browser and be reloaded during training.")
     logging_dir: str = option("logs", "TensorBoard log folder, relative to output_dir.")
     report_to: str = option("tensorboard", "Tracker: tensorboard, wandb, comet_ml, all, or none.")
     tracker_project_name: str = option("train_controlnet", "Project name given to the tracker.")

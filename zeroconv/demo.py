@@ -9,7 +9,9 @@ convergence"), and writes into --output_dir:
 - grid.png: condition | base alone | ControlNet | target, one held-out example a row;
 - curve.png: fill IoU and color accuracies over training steps, the baseline and the 0.5 line;
 - samples.jsonl + samples/: every image scored, so `zeroconv eval OUT/samples.jsonl` recomputes the table;
-- summary.json, report.md; controlnet/ (the trained ControlNet, metrics.jsonl); data/.
+- summary.json, report.md; controlnet/ (the trained ControlNet, metrics.jsonl); data/;
+- report.html: the page of `zeroconv report` (a slider over the held-out samples of every validation, the curves),
+  rewritten at every validation so it can be watched during the run.
 """
 
 from __future__ import annotations
@@ -242,11 +244,18 @@ def train_config(cfg: DemoConfig, data: Path, out: Path):
         validation_baseline=False)  # the demo samples the base alone itself (its own pipeline, no ControlNet)
 
 
+def write_progress(out: Path, baseline: dict, history: list[dict]) -> None:
+    """summary.json so far: the base-alone baseline is on disk nowhere else, and `zeroconv report` needs it to show
+    a demo that is still training. The finished demo rewrites the file with everything."""
+    (out / "summary.json").write_text(json.dumps({"baseline": baseline, "history": history}, indent=1))
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns the summary written to OUT/summary.json."""
     from zeroconv.data.synth import write_fill
     from zeroconv.models.base import check_base_arg, load_base
     from zeroconv.models.pipeline import build_pipeline
+    from zeroconv.report import refresh_report
     from zeroconv.train.run import train
 
     check_base_arg(cfg.base, flag="--base")  # before minutes of data writing
@@ -274,6 +283,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     base = load_base(cfg.base)
     base_images = generate(build_pipeline(base), held_out, cfg, with_condition=False)
     baseline = recorder.record("base", 0, base_images)
+    write_progress(out, baseline, recorder.history[1:])
     log(format_table(baseline, []))
     del base
 
@@ -285,6 +295,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         images = generate(pipe, held_out, cfg, with_condition=True)
         scores = recorder.record(f"controlnet-step-{step:06d}", step, images)
         latest.update(step=step, images=images)
+        write_progress(out, baseline, recorder.history[1:])
+        refresh_report(out)
         return {f"heldout/{k}": v for k, v in scores.items()}
 
     train_start = time.perf_counter()
@@ -306,6 +318,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "train_seconds": round(train_seconds, 1), "config": {k: getattr(cfg, k) for k in DemoConfig.__dataclass_fields__},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    refresh_report(out)
     control = (f"control appears at step {control_step} (held-out fill IoU first above {CONTROL_THRESHOLD})"
                if control_step is not None else
                f"no control yet: held-out fill IoU never rose above {CONTROL_THRESHOLD} in {cfg.max_train_steps} steps")
@@ -327,7 +340,7 @@ Recompute every figure from the saved images: `zeroconv eval {out / 'samples.jso
     log(table)
     log(control)
     log(f"wall time {seconds / 60:.1f} min; grid {out / 'grid.png'}, curve {out / 'curve.png'}, "
-        f"report {out / 'report.md'}")
+        f"report {out / 'report.md'}, page {out / 'report.html'}")
     return summary
 
 

@@ -54,13 +54,11 @@ def color_words(css_name: str) -> str:
     return " ".join(best[-1])
 
 
-def _rgb(hex_code: str) -> tuple[int, int, int]:
-    return tuple(int(hex_code[i:i + 2], 16) for i in (1, 3, 5))
-
-
 # All 148 CSS named colors, "burly wood" -> (222, 184, 135). grey/gray spellings are one color: keep gray.
+# getrgb, not the colormap's values: PIL replaces a name's hex string there by its tuple once any code has used the
+# name (Image.new("RGB", size, "white") in validation grids), so the values depend on what ran before this import.
 CSS_COLORS: dict[str, tuple[int, int, int]] = {
-    color_words(name): _rgb(code) for name, code in sorted(ImageColor.colormap.items()) if "grey" not in name
+    color_words(name): ImageColor.getrgb(name)[:3] for name in sorted(ImageColor.colormap) if "grey" not in name
 }
 
 # Sixteen CSS colors far apart in RGB (every pair at least 109 apart): small models tell them apart reliably,

@@ -121,6 +121,10 @@ class Trainer:
             self.record(self.state.global_step, metrics)
             shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items())
             self.progress.write(f"step {self.state.global_step}: {shown}")
+        if self.cfg.report:
+            from zeroconv.report import refresh_report
+
+            refresh_report(self.cfg.output_dir)
         self.accelerator.wait_for_everyone()
         return metrics
 
@@ -374,6 +378,10 @@ def save_final(t: Trainer) -> Path:
                    "controllability": report_controllability(out / "metrics.jsonl")}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         write_card(t, out)
+        if t.cfg.report:  # once more, so the page shows the finished run's counters
+            from zeroconv.report import refresh_report
+
+            refresh_report(out)
     t.accelerator.wait_for_everyone()
     return out
 
