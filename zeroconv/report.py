@@ -470,9 +470,10 @@ def line_chart(chart_id: str, title: str, quantity: str, y_label: str, series: l
         if s.appeared is not None:
             x = px(s.appeared)
             right = x > LEFT + plot_w * 0.8  # near the right edge the label goes left of its line
+            label_x, label_y = x - 3 if right else x + 3, TOP + 12 + 12 * s.run
             out.append(f'<line class="appeared" stroke="{s.color}" x1="{x}" x2="{x}" y1="{TOP}" y2="{TOP + PLOT_H}">'
                        f'<title>{e(s.label)}: control appeared at step {s.appeared}</title></line>'
-                       f'<text class="mark" fill="{s.color}" x="{x - 3 if right else x + 3}" y="{TOP + 12 + 12 * s.run}" '
+                       f'<text class="mark" fill="{s.color}" x="{label_x}" y="{label_y}" '
                        f'text-anchor="{"end" if right else "start"}">control @ '
                        f'{s.appeared}</text>')
         coords = [(px(x), py(y), x, y) for x, y in s.points]
