@@ -10,6 +10,11 @@ switches gets. Afterwards every checkpoint at --score_steps is sampled on the sa
 sampler (StableDiffusionControlNetPipeline, UniPC, 20 steps, guidance 3, fixed seed) and scored by fill IoU
 (zeroconv.evaluate.fill). The table gives the mean, the spread (min-max) and each seed's figure.
 
+--task canny races on a condition that carries the content instead: the toy base's own captioned shapes
+(`zeroconv synth shapes`), their canny edges computed by `zeroconv prepare`, scored by edge F1 (edges re-extracted
+from each sample, zeroconv.evaluate.controllability) with the held-out prompt and with an empty prompt: the case
+the paper's 50% prompt dropout is meant for.
+
 --variant NAME="FLAGS" adds a zeroconv run with extra flags (e.g. prompts="--proportion_empty_prompts 0.5").
 Runs already finished in --work are reused, so an interrupted race continues where it stopped. The peer runs
 as published (bench/peer_env only supplies the torchvision pieces it imports); nothing of it is in this repo.
@@ -25,13 +30,19 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Both programs run in this environment. Passive OpenMP waiting: on a shared 2-core machine torch's spinning
+# threads made a step 10x slower (the peer's and ours alike); it changes the time, never the numbers.
+RUN_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 SAMPLER = dict(scheduler="unipc", inference_steps=20, guidance_scale=3.0, seed=0)
 
 
-def write_data(work: Path, train_examples: int, held_out: int, resolution: int) -> tuple[Path, Path]:
+def write_data(work: Path, task: str, train_examples: int, held_out: int, resolution: int) -> tuple[Path, Path]:
+    if task == "canny":
+        return write_shapes_canny(work, train_examples, held_out, resolution)
     from zeroconv.data.synth import write_fill
 
     data, held = work / "data", work / "held_out"
@@ -48,6 +59,41 @@ def write_data(work: Path, train_examples: int, held_out: int, resolution: int) 
     return data, held
 
 
+def write_shapes_canny(work: Path, train_examples: int, held_out: int, resolution: int) -> tuple[Path, Path]:
+    """Shapes with their captions, canny edges as the condition, in `zeroconv prepare`'s imagefolder layout."""
+    from zeroconv.data.synth import write_shapes
+
+    folders = []
+    for name, n, seed in (("data", train_examples, 0), ("held_out", held_out, 1_000_003)):
+        out = work / name
+        if not (out / "metadata.jsonl").is_file():
+            shapes = write_shapes(work / f"{name}-shapes", n, resolution, seed, overwrite=True, progress=False)
+            subprocess.run([sys.executable, "-m", "zeroconv", "prepare", "--images", str(shapes), "--condition",
+                            "canny", "--resolution", str(resolution), "--caption_file",
+                            str(shapes / "metadata.jsonl"), "--preview", "0", "--out", str(out)],
+                           check=True, capture_output=True)
+        folders.append(out)
+    return folders[0], folders[1]
+
+
+def held_out_set(task: str, held: Path):
+    """(prompts, condition images) of the held-out set."""
+    from PIL import Image
+
+    if task == "fill":
+        from zeroconv.demo import HeldOut
+
+        held_out = HeldOut.read(held)
+        return held_out.prompts, held_out.conditions()
+    rows = [json.loads(line) for line in (held / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    return ([r["text"] for r in rows],
+            [Image.open(held / r["conditioning_image_file_name"]).convert("RGB") for r in rows])
+
+
+# task -> (metric, its score key, score the samples of an empty prompt too)
+TASKS = {"fill": ("fill", "fill_iou", False), "canny": ("canny", "edge_f1", True)}
+
+
 def write_init(work: Path, seed: int) -> Path:
     init = work / f"init-{seed}"
     if not (init / "config.json").is_file():
@@ -62,15 +108,15 @@ def train_command(program: str, peer: str, flags: list[str]) -> list[str]:
     return [sys.executable, "-m", "zeroconv", "train", *flags]
 
 
-def run_training(name: str, command: list[str], out: Path, last_step: int) -> float | None:
+def run_training(name: str, command: list[str], out: Path, last_step: int, threads: int) -> float | None:
     """Train unless out/checkpoint-<last_step> exists; returns the wall time in seconds (None when reused)."""
     if (out / f"checkpoint-{last_step}" / "controlnet" / "config.json").is_file():
         return None
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    env = {**RUN_ENV, "OMP_NUM_THREADS": str(threads)}
     with open(out.parent / f"{out.name}.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         raise SystemExit(f"{name} failed (exit {code}); see {out.parent / (out.name + '.log')}")
     seconds = time.perf_counter() - start
@@ -78,31 +124,38 @@ def run_training(name: str, command: list[str], out: Path, last_step: int) -> fl
     return seconds
 
 
-def score(out: Path, steps: list[int], held: Path, base) -> dict[int, float]:
-    """Held-out mean fill IoU of each checkpoint, one sampler for every program."""
+def score(out: Path, steps: list[int], task: str, held: Path, base) -> dict[str, dict[int, float]]:
+    """Held-out mean score of each checkpoint ({"prompt": ..., and "no prompt": ... where the task has it}),
+    one sampler for every program."""
     import numpy as np
     import torch
 
-    from zeroconv.demo import HeldOut
-    from zeroconv.evaluate.fill import fill_metrics
+    from zeroconv.evaluate.metrics import get_metric
     from zeroconv.models.pipeline import build_pipeline, load_controlnet
 
+    metric_name, key, empty_too = TASKS[task]
+    metric = get_metric(metric_name)
     cached = out / "race_scores.json"
-    scores = {int(k): v for k, v in json.loads(cached.read_text()).items()} if cached.is_file() else {}
-    held_out = HeldOut.read(held)
-    conditions = held_out.conditions()
+    scores = json.loads(cached.read_text()) if cached.is_file() else {}
+    if scores and all(k.isdigit() for k in scores):  # written by an earlier version: {step: score with prompt}
+        scores = {"prompt": scores}
+    scores = {mode: {int(k): v for k, v in by_step.items()} for mode, by_step in scores.items()}
+    prompts, conditions = held_out_set(task, held)
+    modes = {"prompt": prompts, **({"no prompt": [""] * len(prompts)} if empty_too else {})}
     for step in steps:
-        if step in scores:
+        if all(step in scores.get(mode, {}) for mode in modes):
             continue
         pipe = build_pipeline(base, load_controlnet(str(out / f"checkpoint-{step}")), scheduler=SAMPLER["scheduler"])
-        with torch.no_grad():
-            images = pipe(held_out.prompts, image=conditions, num_inference_steps=SAMPLER["inference_steps"],
-                          guidance_scale=SAMPLER["guidance_scale"], height=conditions[0].height,
-                          width=conditions[0].width,
-                          generator=torch.Generator().manual_seed(SAMPLER["seed"])).images
-        ious = [fill_metrics(np.asarray(c), p, np.asarray(im.convert("RGB")))["fill_iou"]
-                for c, p, im in zip(conditions, held_out.prompts, images)]
-        scores[step] = float(np.mean(ious))
+        for mode, given in modes.items():
+            with torch.no_grad():
+                images = pipe(given, image=conditions, num_inference_steps=SAMPLER["inference_steps"],
+                              guidance_scale=SAMPLER["guidance_scale"], height=conditions[0].height,
+                              width=conditions[0].width,
+                              generator=torch.Generator().manual_seed(SAMPLER["seed"])).images
+            # scored against the held-out prompt even when sampled without it (fill reads its colors there)
+            values = [metric(np.asarray(c), p, np.asarray(im.convert("RGB")))[key]
+                      for c, p, im in zip(conditions, prompts, images)]
+            scores.setdefault(mode, {})[step] = float(np.mean(values))
         cached.write_text(json.dumps(scores))
     return scores
 
@@ -118,6 +171,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: 0 1 2)")
     parser.add_argument("--score_steps", type=int, nargs="+", default=[100, 200, 400, 800],
                         help="checkpoints scored; the last is the run's length (default: 100 200 400 800)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="fill",
+                        help="fill: the Fill outlines, fill IoU; canny: edges of captioned shapes, edge F1 with "
+                        "and without the prompt (default: fill)")
     parser.add_argument("--train_examples", type=int, default=4000, help="(default: 4000)")
     parser.add_argument("--held_out", type=int, default=16, help="held-out outlines scored (default: 16)")
     parser.add_argument("--flags", default="--resolution 64 --train_batch_size 16 --learning_rate 1e-3 "
@@ -125,6 +181,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="an extra zeroconv run with these flags added (repeatable)")
     parser.add_argument("--skip_peer", action="store_true", help="race only zeroconv's runs (a variant study)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run at once, each with CPU cores / jobs threads; on a small CPU two 1-thread "
+                        "runs of the toy base finish sooner than two 2-thread runs in turn (default: 1)")
     parser.add_argument("--work", default="learn-race", help="working folder, reused (default: learn-race)")
     parser.add_argument("--json", default=None, help="also write every figure here")
     args = parser.parse_args()
@@ -140,44 +199,61 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     resolution = int(shlex.split(args.flags)[shlex.split(args.flags).index("--resolution") + 1])
-    data, held = write_data(work, args.train_examples, args.held_out, resolution)
+    data, held = write_data(work, args.task, args.train_examples, args.held_out, resolution)
     programs = ([] if args.skip_peer else [("peer", "peer", [])]) + [("zeroconv", "zeroconv", [])]
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         programs.append((f"zeroconv {name}", "zeroconv", shlex.split(flags)))
     last = max(args.score_steps)
     base = load_base("toy")
-    results: dict[str, dict[int, dict[int, float]]] = {}
+    results: dict[str, dict[int, dict[str, dict[int, float]]]] = {}
     walls: dict[str, list[float]] = {}
+    runs = []  # (label, seed, command, out), alternating who goes first: the machine drifts
     for k, seed in enumerate(args.seeds):
         init = write_init(work, seed)
         common = ["--pretrained_model_name_or_path", toy_base(), "--controlnet_model_name_or_path", str(init),
                   "--train_data_dir", str(data), *shlex.split(args.flags), "--max_train_steps", str(last),
                   "--checkpointing_steps", str(min(args.score_steps)), "--seed", str(seed)]
-        order = programs if k % 2 == 0 else programs[::-1]  # alternate who goes first: the machine drifts
-        for label, program, extra in order:
+        for label, program, extra in (programs if k % 2 == 0 else programs[::-1]):
             out = work / f"{label.replace(' ', '-')}-seed{seed}"
-            print(f"seed {seed}: {label} ...", file=sys.stderr, flush=True)
-            seconds = run_training(label, train_command(program, args.peer, [*common, *extra, "--output_dir",
-                                                                             str(out)]), out, last)
-            if seconds is None and (out / "race_wall_seconds.txt").is_file():
-                seconds = float((out / "race_wall_seconds.txt").read_text())
-            walls.setdefault(label, []).append(seconds or float("nan"))
-            results.setdefault(label, {})[seed] = score(out, args.score_steps, held, base)
+            runs.append((label, seed, train_command(program, args.peer, [*common, *extra, "--output_dir", str(out)]),
+                         out))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
-    print(f"\nheld-out fill IoU ({args.held_out} outlines), mean (min-max) over seeds {args.seeds}; "
-          f"toy base, {args.train_examples} Fill examples, flags: {args.flags}")
-    header = f"{'program':<28}" + "".join(f"{'step ' + str(s):>20}" for s in args.score_steps) + f"{'train wall s':>14}"
-    print(header)
+    def train_one(run) -> float:
+        label, seed, command, out = run
+        print(f"seed {seed}: {label} ...", file=sys.stderr, flush=True)
+        seconds = run_training(label, command, out, last, threads)
+        if seconds is None and (out / "race_wall_seconds.txt").is_file():
+            seconds = float((out / "race_wall_seconds.txt").read_text())
+        return seconds or float("nan")
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        seconds = list(pool.map(train_one, runs))
+    for (label, seed, _, out), wall in zip(runs, seconds):
+        walls.setdefault(label, []).append(wall)
+        results.setdefault(label, {})[seed] = score(out, args.score_steps, args.task, held, base)
+
+    _, key, _ = TASKS[args.task]
+    print(f"\nheld-out {key} ({args.held_out} examples), mean (min-max) over seeds {args.seeds}; toy base, "
+          f"{args.train_examples} {args.task} examples, flags: {args.flags}")
+    modes = list(next(iter(next(iter(results.values())).values())))
+    print(f"{'program':<28}{'sampled with':<14}" + "".join(f"{'step ' + str(s):>20}" for s in args.score_steps)
+          + f"{'train wall s':>14}")
     for label, by_seed in results.items():
-        cells = "".join(f"{summarize([by_seed[s][step] for s in args.seeds]):>20}" for step in args.score_steps)
-        print(f"{label:<28}{cells}{statistics.fmean(walls[label]):>14.0f}")
+        for mode in modes:
+            cells = "".join(f"{summarize([by_seed[s][mode][step] for s in args.seeds]):>20}"
+                            for step in args.score_steps)
+            print(f"{label:<28}{mode:<14}{cells}{statistics.fmean(walls[label]):>14.0f}")
     print("\nper seed:")
     for label, by_seed in results.items():
         for seed in args.seeds:
-            print(f"  {label:<26} seed {seed}: " + "  ".join(f"{by_seed[seed][s]:.3f}" for s in args.score_steps))
+            for mode in modes:
+                print(f"  {label:<26} seed {seed} {mode:<10}: "
+                      + "  ".join(f"{by_seed[seed][mode][s]:.3f}" for s in args.score_steps))
     if args.json:
-        Path(args.json).write_text(json.dumps({"flags": args.flags, "seeds": args.seeds, "sampler": SAMPLER,
+        Path(args.json).write_text(json.dumps({"task": args.task, "flags": args.flags, "seeds": args.seeds,
+                                               "sampler": SAMPLER,
                                                "results": results, "train_wall_seconds": walls}, indent=1))
 
 
