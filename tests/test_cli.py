@@ -23,7 +23,7 @@ def test_help_lists_commands(capsys):
 def test_python_dash_m_and_train_help():
     proc = subprocess.run([sys.executable, "-m", "zeroconv", "train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    assert "--proportion_empty_prompts" in proc.stdout and "default: 0.5" in proc.stdout
+    assert "--proportion_empty_prompts" in proc.stdout and "default: 0.0" in proc.stdout
 
 
 def test_only_the_torchvision_notice_of_transformers_is_dropped(caplog):

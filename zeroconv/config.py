@@ -228,8 +228,9 @@ class TrainConfig:
                              "Must be divisible by 8.")
     random_flip: bool = option(False, "Randomly flip image and condition horizontally together.")
     proportion_empty_prompts: float = option(
-        0.5, "Fraction of captions replaced by '' during training. The paper uses 0.5 (it teaches the ControlNet to "
-        "read the condition without a prompt); diffusers' script defaults to 0.")
+        0.0, "Fraction of captions replaced by '' during training, as in diffusers' script. The paper's 0.5 teaches "
+        "the ControlNet to read the condition without a prompt (guess mode, conditions that carry the content); "
+        "on the Fill task it halves what is learned in 400 steps (bench/RESULTS.md, learn race), so it is opt-in.")
     dataloader_num_workers: int = option(0, "Data loader worker processes; 0 loads in the main process.")
     strict_data: bool = option(False, "Stop at the first unreadable sample instead of skipping it with a warning.")
     condition: str | None = option(
