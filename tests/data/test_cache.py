@@ -8,7 +8,8 @@ import torch
 
 from tests.train.helpers import run_training, tiny_config
 from zeroconv.data import cache as cache_module
-from zeroconv.data.cache import CachedDataset, LatentCache, build_for_training, cache_key
+from zeroconv.data.cache import CachedDataset, LatentCache, cache_key
+from zeroconv.train.cache import build_for_training
 
 
 def unet_inputs(cfg):
