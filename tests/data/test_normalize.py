@@ -36,7 +36,9 @@ def write_modes(folder) -> list[str]:
         "cmyk.jpg": rgb.convert("CMYK"),
         "i16.png": Image.fromarray(gray.astype(np.uint16) * 257),
         "i32.tif": Image.fromarray(gray.astype(np.int32) * 257, "I"),
+        "i8.tif": Image.fromarray(gray.astype(np.int32), "I"),  # 32-bit ints holding 8-bit values
         "f.tif": Image.fromarray(gray.astype(np.float32) / 255.0, "F"),
+        "f255.tif": Image.fromarray(gray.astype(np.float32), "F"),  # floats on the 0..255 scale
     }
     for name, image in files.items():
         image.save(folder / name)
@@ -89,4 +91,5 @@ def test_prepare_and_the_training_loader_give_identical_pixels_in_every_mode(tmp
     assert not torch.equal(loaded["rotated.jpg"], loaded["rgb.png"])
     # and the conversions are the ones meant: gray modes are the photo's gray, alpha goes on white
     assert torch.equal(loaded["i16.png"], loaded["l.png"]) and torch.equal(loaded["i32.tif"], loaded["l.png"])
-    assert torch.equal(loaded["f.tif"], loaded["l.png"])
+    for name in ("i8.tif", "f.tif", "f255.tif"):
+        assert torch.equal(loaded[name], loaded["l.png"]), name
