@@ -80,7 +80,7 @@ def test_bench_source_resolution_writes_larger_images(tmp_path, monkeypatch):
 
     import zeroconv.bench as bench
     from zeroconv.config import TrainConfig
-    from zeroconv.data.cache import build_for_training
+    from zeroconv.train.cache import build_for_training
 
     monkeypatch.setattr(bench, "matmul_peak_flops", lambda: 1e10)
     out, work = tmp_path / "bench.json", tmp_path / "work"

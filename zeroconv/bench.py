@@ -315,19 +315,19 @@ def in_subprocess(spec: dict, code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CACHE_BUILD = """
-import json, os, sys, time
-spec = json.loads(sys.argv[1])
-from zeroconv.config import TrainConfig
-from zeroconv.data.cache import build_for_training
-start = time.perf_counter()
-cache = build_for_training(TrainConfig(pretrained_model_name_or_path=spec["base"], train_data_dir=spec["data"],
-    resolution=spec["resolution"], train_batch_size=spec["batch_size"], seed=0, mixed_precision="no",
-    latent_cache_dir=spec["cache_dir"]))
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-size = sum(p.stat().st_size for p in cache.folder.iterdir())
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": hwm * 1024, "bytes": size}))
-"""
+def cache_worker() -> None:
+    """Entry of the cache build's process (its own, so its peak memory is its own): spec JSON in argv[1]."""
+    from zeroconv.config import TrainConfig
+    from zeroconv.train.cache import build_for_training
+
+    spec = json.loads(sys.argv[1])
+    start = time.perf_counter()
+    cache = build_for_training(TrainConfig(
+        pretrained_model_name_or_path=spec["base"], train_data_dir=spec["data"], resolution=spec["resolution"],
+        train_batch_size=spec["batch_size"], seed=0, mixed_precision="no", latent_cache_dir=spec["cache_dir"]))
+    size = sum(p.stat().st_size for p in cache.folder.iterdir())
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_bytes": status_kib("VmHWM") * 1024,
+                      "bytes": size}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         common = {"config": name, "base": str(base), "data": str(data), "resolution": resolution, "batch_size": batch,
                   "source_resolution": datasets[name]["source_resolution"], "cache_dir": str(work / name / "cache"),
                   "steps": steps, "warmup": warmup, "threads": cfg.threads}
-        builds[name] = in_subprocess(common, CACHE_BUILD)
+        builds[name] = in_subprocess(common, "from zeroconv.bench import cache_worker; cache_worker()")
         print(f"{name}: cache built in {builds[name]['seconds']:.1f} s ({builds[name]['bytes'] / 2**20:.1f} MiB)",
               flush=True)
         runs: dict[str, list] = {}

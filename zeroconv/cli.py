@@ -17,7 +17,7 @@ from zeroconv.errors import EXIT_USER_ERROR, UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("zeroconv.data.synth:main", "write a synthetic dataset (Fill50K-compatible circles)"),
     "prepare": ("zeroconv.data.prepare:main", "photos -> dataset: compute conditions and captions"),
-    "cache": ("zeroconv.data.cache:main", "precompute latents, text embeddings and conditions"),
+    "cache": ("zeroconv.train.cache:main", "precompute latents, text embeddings and conditions"),
     "init": ("zeroconv.models.init:main", "base SD model -> initial ControlNet (tool_add_control in one command)"),
     "train": ("zeroconv.train.run:main", "train a ControlNet (flags of diffusers' train_controlnet.py)"),
     "sample": ("zeroconv.sample:main", "generate images with a base + ControlNet from condition images"),

@@ -167,6 +167,24 @@ def save_yaml(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def validation_pairs(prompts: list[str] | None, images: list[str] | None) -> list[tuple[str, str]]:
+    """diffusers' pairing rule: equal counts pair up; a single prompt or image is used with all of the other."""
+    if not prompts and not images:
+        return []
+    if not prompts or not images:
+        missing = "--validation_prompt" if not prompts else "--validation_image"
+        given = "--validation_image" if not prompts else "--validation_prompt"
+        raise UserError(f"{given} is set but {missing} is not; give both (one of either, or equal counts)")
+    if len(images) == len(prompts):
+        return list(zip(images, prompts))
+    if len(images) == 1:
+        return [(images[0], p) for p in prompts]
+    if len(prompts) == 1:
+        return [(i, prompts[0]) for i in images]
+    raise UserError(f"{len(prompts)} --validation_prompt and {len(images)} --validation_image do not pair up: give "
+                    "equal counts, or one of either")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # zeroconv train. The first block is diffusers' examples/controlnet/train_controlnet.py, same names and meanings,
 # so `accelerate launch -m zeroconv train <their flags>` runs where their script did.
@@ -305,3 +323,30 @@ class TrainConfig:
     push_to_hub: bool = option(False, "Upload the final model and its card to the Hub (checked before training).")
     hub_token: str | None = option(None, "Hub token (default: the one saved by `huggingface-cli login`).")
     hub_model_id: str | None = option(None, "Hub repository id to push to (default: the output_dir name).")
+
+
+def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Every check of TrainConfig's fields on their own (no model, no data read), in one place so `zeroconv train`
+    and `zeroconv cache` fail alike; returns the validation (image, prompt) pairs."""
+    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
+        which = "both" if cfg.dataset_name else "neither"
+        raise UserError(f"{which} of --dataset_name and --train_data_dir given; give exactly one (a local folder "
+                        "goes to --train_data_dir, a hub id or save_to_disk folder to --dataset_name)")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        raise UserError(f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE's latent grid); "
+                        f"try {max(8, cfg.resolution // 8 * 8)}")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "logging_steps", "max_nonfinite_steps"):
+        if getattr(cfg, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:
+        raise UserError(f"--proportion_empty_prompts {cfg.proportion_empty_prompts}: must be between 0 and 1")
+    if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
+        raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
+    if cfg.conditioning_channels not in (1, 3, 4):
+        raise UserError(f"--conditioning_channels {cfg.conditioning_channels}: must be 1, 3 or 4")
+    pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
+    for image, _prompt in pairs:
+        if not Path(image).is_file():
+            raise UserError(f"--validation_image {image}: no such file")
+    return pairs

@@ -254,7 +254,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns the summary written to OUT/summary.json."""
     from zeroconv.data.synth import write_fill
     from zeroconv.models.base import check_base_arg, load_base
-    from zeroconv.models.pipeline import build_pipeline
     from zeroconv.report import refresh_report
     from zeroconv.train.run import train
 
@@ -281,7 +280,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     log(f"[2/4] sampling the base alone ({cfg.base}) on the held-out prompts: the baseline")
     base = load_base(cfg.base)
-    base_images = generate(build_pipeline(base), held_out, cfg, with_condition=False)
+    base_images = generate(base.family.pipeline(base), held_out, cfg, with_condition=False)
     baseline = recorder.record("base", 0, base_images)
     write_progress(out, baseline, recorder.history[1:])
     log(format_table(baseline, []))

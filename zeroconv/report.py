@@ -40,6 +40,7 @@ from pathlib import Path
 
 from zeroconv.config import option, parse
 from zeroconv.errors import UserError
+from zeroconv.jsonl import read_growing
 
 logger = logging.getLogger("zeroconv.report")
 
@@ -78,22 +79,6 @@ class Run:
     config_text: str = ""
     facts: list[tuple[str, str]] = field(default_factory=list)
     finished: bool = False
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a line that does not parse is skipped: during training the last one may be half
-    written."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def read_json(path: Path) -> dict:
@@ -136,7 +121,7 @@ def read_train(run: Run, folder: Path, metric_prefixes: tuple[str, ...] | None =
     """Loss, controllability curves, grids, config and counters of a `zeroconv train` output_dir."""
     from zeroconv.evaluate.curve import curves_from_rows
 
-    rows = [row for row in read_jsonl(folder / "metrics.jsonl") if isinstance(row.get("step"), int)]
+    rows = [row for row in read_growing(folder / "metrics.jsonl") if isinstance(row.get("step"), int)]
     run.loss = {row["step"]: row["train/loss"] for row in rows if finite(row.get("train/loss"))}
     if metric_prefixes is None:
         # validation/ is --validation_metric; any other prefix but train/ is an evaluator's (the demo's heldout/)
@@ -237,7 +222,7 @@ def demo_grids(folder: Path, rows_shown: int) -> list[tuple[int, str]]:
     from PIL import Image
 
     by_step: dict[int, list[dict]] = {}
-    for row in read_jsonl(folder / "samples.jsonl"):
+    for row in read_growing(folder / "samples.jsonl"):
         if isinstance(row.get("step"), int) and "image" in row and "condition" in row:
             by_step.setdefault(row["step"], []).append(row)
     grids = []
@@ -260,11 +245,11 @@ def demo_grids(folder: Path, rows_shown: int) -> list[tuple[int, str]]:
 
 
 def sheet(tiles: list, per_row: int = 3, gap: int = 6):
-    """validate.make_grid's condition | sample pairs, `per_row` of them side by side: one pair a row would make
+    """evaluate.grid.make_grid's condition | sample pairs, `per_row` of them side by side: one pair a row would make
     the demo's six held-out examples a column taller than a screen."""
     from PIL import Image
 
-    from zeroconv.train.validate import make_grid
+    from zeroconv.evaluate.grid import make_grid
 
     pairs = [make_grid([tile]) for tile in tiles]
     width, height = pairs[0].size

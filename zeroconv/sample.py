@@ -15,7 +15,9 @@ import torch
 
 from zeroconv.config import option, parse
 from zeroconv.errors import UserError
-from zeroconv.models.pipeline import SCHEDULERS, build_pipeline, load_controlnet
+from zeroconv.jsonl import read_rows
+from zeroconv.models.dtypes import DTYPES
+from zeroconv.models.pipeline import SCHEDULERS, load_controlnet
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -48,22 +50,20 @@ class SampleConfig:
 
 
 def collect_pairs(cfg: SampleConfig) -> list[tuple[str, str]]:
-    from zeroconv.train.validate import validation_pairs
+    from zeroconv.config import validation_pairs
 
     if cfg.jsonl:
         path = Path(cfg.jsonl)
         if not path.is_file():
             raise UserError(f"--jsonl {path}: no such file")
+        expected = 'expected {"condition": path, "prompt": text}'
         pairs = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, row in read_rows(path, f"--jsonl {path}", expected):
             try:
-                row = json.loads(line)
                 cond = Path(row["condition"])
                 pairs.append((str(cond if cond.is_absolute() else path.parent / cond), row.get("prompt", "")))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"--jsonl {path} line {n}: expected {{\"condition\": path, \"prompt\": text}}") from None
+            except (KeyError, TypeError):
+                raise UserError(f"--jsonl {path} line {n}: {expected}") from None
     elif cfg.folder:
         folder = Path(cfg.folder)
         if not folder.is_dir():
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from zeroconv.models.base import check_base_arg, load_base
-    from zeroconv.train.validate import load_condition
+    from zeroconv.data.transforms import load_condition
 
     cfg = parse(SampleConfig, argv, prog="zeroconv sample", description=__doc__)
     if not cfg.controlnet:
@@ -123,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--resolution {resolution}: must be divisible by 8")
     pairs = collect_pairs(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        cfg.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
+    dtype = DTYPES.get(cfg.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
 
     # loaded in the dtype they sample in, then only moved: a cast after loading is what diffusers warns about
     controlnet = load_controlnet(cfg.controlnet, dtype)
     channels = controlnet.config.conditioning_channels
-    pipe = build_pipeline(load_base(base_name, dtype=dtype), controlnet, scheduler=cfg.scheduler).to(device)
+    base = load_base(base_name, dtype=dtype)
+    pipe = base.family.pipeline(base, controlnet, scheduler=cfg.scheduler).to(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []

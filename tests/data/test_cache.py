@@ -8,7 +8,8 @@ import torch
 
 from tests.train.helpers import run_training, tiny_config
 from zeroconv.data import cache as cache_module
-from zeroconv.data.cache import CachedDataset, LatentCache, build_for_training, cache_key
+from zeroconv.data.cache import CachedDataset, LatentCache, cache_key
+from zeroconv.train.cache import build_for_training
 
 
 def unet_inputs(cfg):
@@ -182,3 +183,19 @@ def test_cache_command_and_train_cache_only(tiny_base, tiny_dataset, tmp_path, c
     assert [p.name for p in root.iterdir()] == [folder.name]
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
     assert main(["cache", *args, "--train_data_dir", str(tmp_path / "missing")]) == 2
+
+
+def test_cache_command_then_train_cache_auto_reuses_it_without_rebuilding(tiny_base, tiny_dataset, tmp_path, capsys,
+                                                                           monkeypatch):
+    from zeroconv.cli import main
+
+    root = tmp_path / "cache"
+    assert main(["cache", "--pretrained_model_name_or_path", str(tiny_base), "--train_data_dir", str(tiny_dataset),
+                 "--resolution", "64", "--train_batch_size", "4", "--latent_cache_dir", str(root)]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.setattr(cache_module, "build_cache", lambda *a, **k: pytest.fail("train rebuilt the cache"))
+    cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "out", cache="auto", latent_cache_dir=str(root),
+                      max_train_steps=2)
+    assert run_training(cfg) == 0
+    assert [p.name for p in root.iterdir()] == [folder.name]
+    assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zeroconv.config import TrainConfig, parse
-from zeroconv.train.run import adamw_implementation, use_channels_last
+from zeroconv.train.setup import adamw_implementation, use_channels_last
 
 
 @pytest.mark.parametrize("requested, resolution, factor, expected", [

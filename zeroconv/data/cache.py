@@ -14,8 +14,9 @@ condition channels and extractor, flip, dtype and the transform's version: chang
 beside the old one, never mixed with it. Several processes split the shards, then the main one writes the
 manifest. An interrupted build keeps its finished shards in `<key>.partial/` and resumes from them.
 
-`zeroconv cache` takes `zeroconv train`'s flags (the ones above matter), so `--config run.yaml` builds exactly
-the cache that `zeroconv train --config run.yaml --cache auto` will use.
+This module takes its inputs as explicit arguments; `zeroconv cache` (zeroconv.train.cache) builds them with the
+functions `zeroconv train` builds its own with (zeroconv.train.setup), so `--config run.yaml` builds exactly the
+cache that `zeroconv train --config run.yaml --cache auto` will use.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from zeroconv.errors import EXIT_OK, UserError
+from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.cache")
 
@@ -53,12 +56,11 @@ def file_stats(folder: Path) -> list:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-def base_identity(name: str, revision: str | None, base) -> dict:
-    """What makes the frozen encoders' outputs: the base's location, its component configs and weight files."""
-    from zeroconv.models.base import resolve_base
-
-    path = Path(resolve_base(name))
-    identity: dict = {"name": str(path.resolve()) if path.exists() else name, "revision": revision}
+def base_identity(location: str, revision: str | None, base) -> dict:
+    """What makes the frozen encoders' outputs: the base's location (a resolved path, or a hub id), its component
+    configs and weight files."""
+    path = Path(location)
+    identity: dict = {"name": str(path.resolve()) if path.exists() else location, "revision": revision}
     for part in ("unet", "vae", "text_encoder"):
         config = getattr(base, part).config
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -71,16 +73,19 @@ def base_identity(name: str, revision: str | None, base) -> dict:
     return json.loads(json.dumps(identity, default=str))
 
 
-def cache_identity(cfg, examples, base, weight_dtype: torch.dtype, seed: int) -> dict:
+def cache_identity(dataset, base: dict, tokenizer_name: str | None, condition: str | None,
+                   weight_dtype: torch.dtype) -> dict:
+    """The key's contents: `dataset` (a ControlNetDataset) gives the examples, resolution, channels and flip;
+    `base` is base_identity's."""
     return {
         "format": CACHE_FORMAT,
-        "dataset": examples.fingerprint(),
-        "base": base_identity(cfg.pretrained_model_name_or_path, cfg.revision, base),
-        "tokenizer_name": cfg.tokenizer_name,
-        "resolution": cfg.resolution,
-        "conditioning_channels": cfg.conditioning_channels,
-        "condition": cfg.condition,  # decides which samples are unreadable
-        "random_flip": bool(cfg.random_flip),
+        "dataset": dataset.examples.fingerprint(),
+        "base": base,
+        "tokenizer_name": tokenizer_name,
+        "resolution": dataset.transform.resolution,
+        "conditioning_channels": dataset.transform.conditioning_channels,
+        "condition": condition,  # decides which samples are unreadable
+        "random_flip": bool(dataset.random_flip),
         "dtype": str(weight_dtype),
         "transform": TRANSFORM_VERSION,
     }
@@ -245,8 +250,8 @@ class Encoders:
     bit-identical to the live VAE's (on GPU they agree to rounding)."""
 
     vae: object
-    text_encoder: object
-    tokenizer: object
+    encode_prompts: Callable[[list[str]], torch.Tensor]  # the base family's prompt encoder, on `device`
+    prompt_shape: tuple[int, ...]  # of one caption's embedding, which sizes the caption shards
     device: torch.device
     dtype: torch.dtype
     batch_size: int
@@ -264,9 +269,7 @@ class Encoders:
     def prompts(self, captions: list[str]) -> torch.Tensor:
         out = []
         for start in range(0, len(captions), self.batch_size):
-            ids = self.tokenizer(captions[start:start + self.batch_size], max_length=self.tokenizer.model_max_length,
-                                 padding="max_length", truncation=True, return_tensors="pt").input_ids
-            out.append(self.text_encoder(ids.to(self.device), return_dict=False)[0].to(self.dtype).cpu())
+            out.append(self.encode_prompts(captions[start:start + self.batch_size]).to(self.dtype).cpu())
         return torch.cat(out)
 
 
@@ -367,8 +370,7 @@ def write_captions(folder: Path, dataset, encoders: Encoders) -> None:
     """Every distinct caption's hidden states (first-seen order) and the empty prompt's, sharded."""
     captions = list(dict.fromkeys(c for i in range(len(dataset.examples))
                                   for c in as_list(dataset.examples[i].caption)))
-    hidden = encoders.text_encoder.config.hidden_size
-    per_shard = max(1, SHARD_BYTES // (encoders.tokenizer.model_max_length * hidden * 4))
+    per_shard = max(1, SHARD_BYTES // (math.prod(encoders.prompt_shape) * 4))
     for s, start in enumerate(range(0, len(captions), per_shard)):
         save_atomic({"embeds": encoders.prompts(captions[start:start + per_shard])},
                     folder / f"captions-{s:05d}.safetensors")
@@ -391,74 +393,3 @@ def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders,
     logger.info("latent cache: building %s (%d samples)", folder, len(dataset))
     return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,
                        num_workers=num_workers)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training integration and the command
-# ----------------------------------------------------------------------------------------------------------------
-
-def cached_training_inputs(cfg, dataset, base, device, weight_dtype: torch.dtype, seed: int):
-    """(CachedDataset, CachedEncoders, collate) for `zeroconv train --cache auto`; the VAE and text encoder end up
-    on the CPU, off the training device, until validation borrows them."""
-    from zeroconv.train.inputs import CachedEncoders
-
-    cache = cache_for(cfg, dataset, base, device, weight_dtype, seed)
-    encoders = CachedEncoders(cache.empty_embed, base.vae, base.text_encoder, device, weight_dtype)
-    return CachedDataset(cache, dataset), encoders, CachedDataset.collate
-
-
-def cache_for(cfg, dataset, base, device, weight_dtype: torch.dtype, seed: int) -> LatentCache:
-    identity = cache_identity(cfg, dataset.examples, base, weight_dtype, seed)
-    encoders = Encoders(base.vae.to(device), base.text_encoder.to(device), base.tokenizer, device, weight_dtype,
-                        cfg.train_batch_size)
-    return open_or_build(cfg.latent_cache_dir or default_cache_root(), identity, dataset, encoders,
-                         flipped=cfg.random_flip, strict_data=cfg.strict_data, num_workers=cfg.dataloader_num_workers)
-
-
-def build_for_training(cfg) -> LatentCache:
-    """Build (or find) the cache that `zeroconv train` with the same flags and --cache auto would use."""
-    from accelerate import Accelerator
-
-    from zeroconv.data.dataset import ControlNetDataset
-    from zeroconv.data.sources import check_data_args, load_examples
-    from zeroconv.data.transforms import PairedTransform
-    from zeroconv.models.base import check_base_arg, load_base
-    from zeroconv.train.run import resolve_mixed_precision
-
-    check_base_arg(cfg.pretrained_model_name_or_path, revision=cfg.revision, cache_dir=cfg.cache_dir)
-    check_data_args(cfg)
-    if cfg.resolution % 8:
-        raise UserError(f"--resolution {cfg.resolution}: must be divisible by 8 (the VAE's latent grid); try "
-                        f"{cfg.resolution // 8 * 8}")
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
-    seed = cfg.seed if cfg.seed is not None else 0
-    condition_fn = None
-    if cfg.condition:
-        from zeroconv.data.conditions import get_extractor
-
-        condition_fn = get_extractor(cfg.condition, seed=seed)
-    dataset = ControlNetDataset(load_examples(cfg), PairedTransform(cfg.resolution, cfg.conditioning_channels),
-                                seed=seed, random_flip=cfg.random_flip, strict_data=cfg.strict_data,
-                                condition_fn=condition_fn)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # loaded in the training dtype, as the encoders of `zeroconv train` hold it (a cast after loading makes
-    # diffusers warn, and gives the same weights)
-    base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=weight_dtype)
-    return cache_for(cfg, dataset, base, accelerator.device, weight_dtype, seed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from zeroconv.config import TrainConfig, parse
-
-    cfg = parse(TrainConfig, argv, prog="zeroconv cache",
-                description="Precompute the VAE latents (mean and std), caption embeddings and conditions that "
-                "`zeroconv train --cache auto` reads. Takes zeroconv train's flags; those that shape the cache are "
-                "the base, the data flags, --resolution, --conditioning_channels, --condition, --random_flip, "
-                "--mixed_precision, --train_batch_size and --latent_cache_dir.")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cache = build_for_training(cfg)
-    print(cache.folder)
-    return EXIT_OK

@@ -16,11 +16,11 @@ source had a caption, the template's own words did), or it is empty.
 from __future__ import annotations
 
 import csv
-import json
 import string
 from pathlib import Path, PurePosixPath
 
 from zeroconv.errors import UserError
+from zeroconv.jsonl import read_rows
 
 SIDECAR_SUFFIXES = (".txt", ".caption")
 FILE_KEYS = ("file_name", "image", "file", "path", "filename")
@@ -59,18 +59,8 @@ def read_caption_file(path: str | Path) -> dict[str, str]:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     else:
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"--caption_file {path} line {number}: not valid JSON ({exc.msg}); expected one "
-                                    "object per line, or a .csv file") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"--caption_file {path} line {number}: expected a JSON object")
-                rows.append(row)
+        rows = [row for _, row in read_rows(path, f"--caption_file {path}",
+                                            "expected one object per line, or a .csv file")]
     if not rows:
         return {}
     file_key = _pick_key(rows[0].keys(), FILE_KEYS, path, "file")

@@ -49,6 +49,7 @@ from zeroconv.config import option, parse, to_dict
 from zeroconv.data.captions import (CAPTION_SOURCES, CaptionLookup, check_template, empty_captions_notice,
                                     fill_template, read_caption_file, text_source)
 from zeroconv.data.conditions import EXTRACTORS, BadInput, get_extractor
+from zeroconv.data.transforms import normalize
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.prepare")
@@ -106,26 +107,6 @@ class Skip(Exception):
         self.kind = kind
 
 
-def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """RGB 8-bit, and a note when a conversion happened. Transparency is composited on white (what a viewer
-    shows); 16-bit and float images are scaled to 8 bits, not clipped."""
-    mode = image.mode
-    if mode == "RGB":
-        return image, None
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
-        if mode == "F":
-            top = max(1.0, float(values.max()))
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB"), f"{mode} ({'16-bit' if top > 255 else 'high bit depth'}) -> RGB"
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} -> RGB (transparency on white)"
-    return image.convert("RGB"), f"{mode} -> RGB"
-
-
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
 
 
@@ -147,14 +128,12 @@ def load_photo(path: Path) -> tuple[Image.Image, list[str]]:
         raise Skip("unreadable", f"unreadable file ({exc.strerror or type(exc).__name__})") from None
     if size == 0:
         raise Skip("empty", "empty file (0 bytes)")
-    notes = []
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now: a truncated file fails here
-            orientation = opened.getexif().get(0x0112, 1)
-            image = ImageOps.exif_transpose(opened) if orientation not in (1, None) else opened.copy()
-        if orientation not in (1, None):
-            notes.append(f"EXIF orientation {orientation} applied")
+            image, notes = normalize(opened)
+            if image is opened:  # already upright RGB: a copy outlives the closed file
+                image = opened.copy()
     except UnidentifiedImageError:
         if has_image_signature(path):
             raise Skip("corrupt", "corrupt image (its header is unreadable)") from None
@@ -163,9 +142,6 @@ def load_photo(path: Path) -> tuple[Image.Image, list[str]]:
         raise Skip("too_large", f"too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
         raise Skip("corrupt", f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
-    image, note = to_rgb(image)
-    if note:
-        notes.append(note)
     return image, notes
 
 

@@ -30,7 +30,9 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from zeroconv.config import check_train_config
 from zeroconv.errors import UserError
+from zeroconv.jsonl import read_rows
 
 logger = logging.getLogger("zeroconv.data")
 
@@ -167,39 +169,24 @@ def caption_value(value) -> str | list[str]:
 # Checks and entry points
 # ----------------------------------------------------------------------------------------------------------------
 
-def check_data_args(cfg) -> None:
-    """Every data check possible before a model loads: flags, paths, columns, missing files, validation pairs."""
-    check_data_flags(cfg)
-    open_source(cfg)
+def check_data_args(cfg) -> Examples:
+    """Every data check possible before a model loads: flags, paths, columns, missing files, validation pairs;
+    returns the opened examples, so nothing opens the source a second time."""
+    check_train_config(cfg)
+    return open_source(cfg)
 
 
 def load_examples(cfg) -> Examples:
     """The training rows named by cfg (a TrainConfig), first `max_train_samples` of them."""
-    check_data_flags(cfg)
+    check_train_config(cfg)
+    return open_examples(cfg)
+
+
+def open_examples(cfg) -> Examples:
+    """load_examples for a config whose fields are already checked (zeroconv.train.preflight)."""
     examples = open_source(cfg)
     logger.info("training data: %s, %d examples", examples.description, len(examples))
     return examples
-
-
-def check_data_flags(cfg) -> None:
-    from zeroconv.train.validate import validation_pairs
-
-    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
-        which = "both" if cfg.dataset_name else "neither"
-        raise UserError(f"{which} of --dataset_name and --train_data_dir given; give exactly one (a local folder "
-                        "goes to --train_data_dir, a hub id or save_to_disk folder to --dataset_name)")
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        raise UserError(f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE's latent grid); "
-                        f"try {max(8, cfg.resolution // 8 * 8)}")
-    if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:
-        raise UserError(f"--proportion_empty_prompts {cfg.proportion_empty_prompts}: must be between 0 and 1")
-    if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
-        raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
-    if cfg.conditioning_channels not in (1, 3, 4):
-        raise UserError(f"--conditioning_channels {cfg.conditioning_channels}: must be 1, 3 or 4")
-    for image, _prompt in validation_pairs(cfg.validation_prompt, cfg.validation_image):
-        if not Path(image).is_file():
-            raise UserError(f"--validation_image {image}: no such file")
 
 
 def open_source(cfg) -> Examples:
@@ -238,9 +225,9 @@ def is_save_to_disk_folder(folder: Path) -> bool:
 def open_local_folder(folder: Path, cfg, flag: str) -> Examples:
     for metadata in [folder / name for name in METADATA_FILES] + [folder / "train" / n for n in METADATA_FILES]:
         if metadata.is_file():
-            return read_imagefolder(metadata, cfg, flag)
+            return read_imagefolder(metadata, cfg)
     if (folder / "prompt.json").is_file():
-        return read_fill50k(folder / "prompt.json", cfg, flag)
+        return read_fill50k(folder / "prompt.json", cfg)
     if is_save_to_disk_folder(folder):
         return read_saved_dataset(folder, cfg, flag)
     if (folder / "images").is_dir():
@@ -295,19 +282,7 @@ def read_metadata_rows(metadata: Path) -> list[tuple[int, dict]]:
     if metadata.suffix == ".csv":
         with open(metadata, newline="", encoding="utf-8") as fh:
             return [(n, row) for n, row in enumerate(csv.DictReader(fh), start=2)]
-    rows = []
-    with open(metadata, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{metadata} line {n}: not valid JSON ({exc.msg}); one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{metadata} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
-    return rows
+    return read_rows(metadata, str(metadata))
 
 
 def imagefolder_column_name(key: str) -> str:
@@ -317,7 +292,7 @@ def imagefolder_column_name(key: str) -> str:
     return key[: -len("_file_name")] if key.endswith("_file_name") else key
 
 
-def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
+def read_imagefolder(metadata: Path, cfg) -> Examples:
     rows = first_n(read_metadata_rows(metadata), cfg)
     if not rows:
         return FileExamples([], identity_of(cfg, "imagefolder", {}), f"{metadata} has no rows")
@@ -339,7 +314,7 @@ def read_imagefolder(metadata: Path, cfg, flag: str) -> Examples:
     return FileExamples(examples, identity_of(cfg, "imagefolder", columns_used), f"imagefolder layout {metadata}")
 
 
-def read_fill50k(prompt_file: Path, cfg, flag: str) -> Examples:
+def read_fill50k(prompt_file: Path, cfg) -> Examples:
     """Fill50K's prompt.json: one JSON object per line (a single JSON list is read too)."""
     text = prompt_file.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):

@@ -31,7 +31,7 @@ from zeroconv.errors import UserError
 
 # The words CSS color names are made of; `color_words` splits "lightgoldenrodyellow" into "light golden rod yellow"
 # with them, as Fill50K's prompts do.
-_CSS_WORDS = """alice antique white aqua aquamarine azure beige bisque black blanched almond blue violet brown burly
+CSS_WORDS = """alice antique white aqua aquamarine azure beige bisque black blanched almond blue violet brown burly
 wood cadet chartreuse chocolate coral cornflower cornsilk crimson cyan dark golden rod gray grey green khaki magenta
 olive orange orchid red salmon sea slate turquoise deep pink sky dim dodger fire brick floral forest fuchsia gainsboro
 ghost gold honeydew hot indian indigo ivory lavender blush lawn lemon chiffon light yellow steel lime linen maroon
@@ -45,7 +45,7 @@ def color_words(css_name: str) -> str:
     for end in range(1, len(css_name) + 1):
         for start in range(end):
             word = css_name[start:end]
-            if best[start] is not None and word in _CSS_WORDS:
+            if best[start] is not None and word in CSS_WORDS:
                 candidate = best[start] + [word]
                 if best[end] is None or len(candidate) < len(best[end]):
                     best[end] = candidate

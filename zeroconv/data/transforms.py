@@ -8,12 +8,15 @@ it, the condition in [0, 1] as the ControlNet reads it. PIL and numpy only: it r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
 CONDITION_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -23,10 +26,18 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+def is_16bit(image: Image.Image) -> bool:
+    return image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and (image.getextrema()[1] or 0) > 255)
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grayscale to L by scaling, not clipping (PIL's convert clips 0..65535 to 0..255)."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        array = np.asarray(image, dtype=np.float32) / 257.0
+    """16-bit, 32-bit and float grayscale to L by scaling, not clipping (PIL's convert clips 0..65535 to 0..255).
+    I;16 spans 0..65535; I is read as 16-bit when a value exceeds 255 (PNG decoders hand 16-bit gray out as I),
+    else as 8-bit values; F spans 0..1 when no value exceeds 1, else 0..255."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        array = np.asarray(image, dtype=np.float32)
+        if is_16bit(image):
+            array = array / 257.0
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
         array = array * 255.0 if array.size and float(array.max()) <= 1.0 else array
@@ -35,17 +46,38 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as upright RGB. Transparent pixels go on white: their hidden color is arbitrary (often
-    black), and a model should not learn it."""
-    image = to_8bit(upright(image))
-    if image.mode == "P":
+def normalize(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """Any PIL image as upright 8-bit RGB, and a note per conversion (prepare's report lists them). The one
+    conversion of a photo: prepare writes this, and the training loader (so the cache), sampling and evaluation
+    read files through it, so a photo reaches training with the same pixels whether it was prepared or not.
+    Transparent pixels go on white: their hidden color is arbitrary (often black), and a model should not learn
+    it."""
+    notes = []
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation not in (0, 1, None):
+        image = ImageOps.exif_transpose(image)
+        notes.append(f"EXIF orientation {orientation} applied")
+    mode = image.mode
+    if mode == "RGB":
+        return image, notes
+    eight = to_8bit(image)
+    if eight is not image:
+        notes.append(f"{mode} ({'16-bit' if is_16bit(image) else 'high bit depth'}) -> RGB")
+        return eight.convert("RGB"), notes
+    if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
+        notes.append(f"{mode} -> RGB (transparency on white)")
+        return Image.alpha_composite(background, rgba).convert("RGB"), notes
+    notes.append(f"{mode} -> RGB")
+    return image if image.mode == "RGB" else image.convert("RGB"), notes
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """normalize without its notes."""
+    return normalize(image)[0]
 
 
 def to_condition_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -69,13 +101,11 @@ def to_tensor(image: Image.Image, low: float = 0.0, high: float = 1.0) -> torch.
 
 
 class PairedTransform:
-    def __init__(self, resolution: int, conditioning_channels: int = 3, random_flip: bool = False):
+    def __init__(self, resolution: int, conditioning_channels: int = 3):
         if conditioning_channels not in CONDITION_MODES:
             raise ValueError(f"conditioning_channels must be 1, 3 or 4, got {conditioning_channels}")
         self.resolution = resolution
         self.conditioning_channels = conditioning_channels
-        # The flip itself is drawn by the dataset (per sample, per epoch); kept here for reference.
-        self.random_flip = random_flip
 
     def fit(self, image: Image.Image) -> Image.Image:
         """Shorter side to R, center crop R x R, in one resample (no-op when already R x R)."""
@@ -93,3 +123,10 @@ class PairedTransform:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             condition = condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image, -1.0, 1.0), to_tensor(condition)
+
+
+def load_condition(path: str | Path, resolution: int, channels: int) -> torch.Tensor:
+    """A conditioning image as the ControlNet sees it in training: [1, C, R, R] in [0, 1]."""
+    with Image.open(path) as image:
+        condition = PairedTransform(resolution, channels).fit(to_condition_mode(image, channels))
+    return to_tensor(condition).unsqueeze(0)

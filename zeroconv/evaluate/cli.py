@@ -16,6 +16,7 @@ import numpy as np
 
 from zeroconv.config import option, parse
 from zeroconv.errors import UserError
+from zeroconv.jsonl import read_rows
 
 
 @dataclass
@@ -33,19 +34,16 @@ def read_samples(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such samples file; write one with `zeroconv sample` or `zeroconv demo`")
+    expected = 'expected {"image": path, "condition": path, "prompt": text}'
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in read_rows(path, str(path), expected):
         try:
-            row = json.loads(line)
             for key in ("image", "condition"):
                 file = Path(row[key])
                 row[key] = file if file.is_absolute() else path.parent / file
             row.setdefault("prompt", "")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path} line {number}: expected {{\"image\": path, \"condition\": path, \"prompt\": "
-                            "text}") from None
+        except (KeyError, TypeError):
+            raise UserError(f"{path} line {number}: {expected}") from None
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: no samples in it")
@@ -55,10 +53,12 @@ def read_samples(path: str | Path) -> list[dict]:
 def load_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
+    from zeroconv.data.transforms import to_rgb
+
     if not path.is_file():
         raise UserError(f"{path}: image listed in the samples file does not exist")
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))  # the conversion training used, so scores read the same pixels
 
 
 def score_samples(rows: list[dict], metric: str | None = None, group_by: str | None = "model"

@@ -181,7 +181,7 @@ def sd_components(checkpoint: dict, metadata: dict, path: Path, prediction_type:
 def load_tokenizer(name: str | None, kind: str, checkpoint_path: Path):
     from transformers import CLIPTokenizer
 
-    from zeroconv.models.base import hub_offline
+    from zeroconv.hub import hub_offline
 
     repo, subfolder = (name, None) if name else DEFAULT_TOKENIZERS[kind]
     if name and Path(name).is_dir() and (Path(name) / "tokenizer").is_dir():
@@ -244,7 +244,7 @@ def save_combined(path: str | Path, control_state_dict: dict, control_config: di
     run that trained the decoder. A single-file base keeps every tensor it had; `original` is it, already read."""
     from safetensors.torch import save_file
 
-    from zeroconv.models.base import resolve_base
+    from zeroconv.models.locate import resolve_base
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -47,9 +47,9 @@ def toy_base_path() -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 def vocabulary() -> list[str]:
-    from zeroconv.data.synth import _CSS_WORDS, SHAPES
+    from zeroconv.data.synth import CSS_WORDS, SHAPES
 
-    return sorted(set(_CSS_WORDS) | set(SHAPES) | {"with", "background", "a", "an", "and", "on", "in"})
+    return sorted(set(CSS_WORDS) | set(SHAPES) | {"with", "background", "a", "an", "and", "on", "in"})
 
 
 def build_vae():

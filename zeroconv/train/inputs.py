@@ -33,21 +33,16 @@ def drop_captions(embeds: torch.Tensor, empty_embed: torch.Tensor, proportion: f
 
 
 class LiveEncoders:
-    """Runs the frozen VAE and text encoder on each batch (no cache)."""
+    """Runs the frozen VAE and the family's prompt encoder on each batch (no cache)."""
 
-    def __init__(self, vae, text_encoder, tokenizer, device, weight_dtype):
-        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+    def __init__(self, base, device, weight_dtype):
+        self.base, self.vae = base, base.vae
         self.device, self.weight_dtype = device, weight_dtype
         self.empty_embed = self.encode_prompts([""])  # constant: the text encoder is frozen
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(captions, max_length=self.tokenizer.model_max_length, padding="max_length",
-                              truncation=True, return_tensors="pt").input_ids
-
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenize(captions).to(self.device)
-        return self.text_encoder(ids, return_dict=False)[0].to(self.weight_dtype)
+        return self.base.family.encode_prompts(self.base, captions, self.device).to(self.weight_dtype)
 
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -64,12 +59,12 @@ class LiveEncoders:
 class CachedEncoders:
     """Reads a latent cache's (zeroconv.data.cache) batches: draws the latent from the stored posterior mean and
     std with LiveEncoders' generator calls, and takes the stored caption embeddings. The VAE and text encoder
-    wait on the CPU, off the training device; validation borrows them (Trainer.encoders_to_device)."""
+    wait on the CPU, off the training device; validation borrows them (TrainingRun.encoders_to_device)."""
 
-    def __init__(self, empty_embed: torch.Tensor, vae, text_encoder, device, weight_dtype):
-        self.vae, self.text_encoder, self.device = vae, text_encoder, device
+    def __init__(self, empty_embed: torch.Tensor, base, device, weight_dtype):
+        self.base, self.device = base, device
         self.empty_embed = empty_embed.to(device, weight_dtype)
-        config = vae.config
+        config = base.vae.config
         self.scaling_factor, self.shift_factor = config.scaling_factor, getattr(config, "shift_factor", None)
         self.release()
 
@@ -85,7 +80,7 @@ class CachedEncoders:
         """Back to the CPU after validation: the training device keeps only what the step uses."""
         if torch.device(self.device).type == "cpu":
             return
-        self.vae.to("cpu")
-        self.text_encoder.to("cpu")
+        for module in self.base.family.frozen_encoders(self.base):
+            module.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""The training loop. Everything it needs is built by zeroconv.train.run; this file only trains.
+"""The training loop. Everything it needs is built by zeroconv.train.setup; this file only trains.
 
 One iteration is one optimizer step: fetch the micro-batches, forward, backward, check the result is finite,
 clip, step, log, checkpoint, validate.
@@ -16,31 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from zeroconv.errors import EXIT_NONFINITE, EXIT_OK
-from zeroconv.models.controlnet import predict_noise
 from zeroconv.train.inputs import drop_captions
 
 logger = logging.getLogger("zeroconv.train")
 
 
 def compute_loss(t, batch) -> torch.Tensor:
-    """The SD noise-prediction loss with the ControlNet's residuals added to the frozen UNet."""
+    """The family's denoising loss with the ControlNet's residuals added to the frozen denoiser."""
+    family = t.base.family
     latents = t.encoders.latents(batch, t.generator).float()
-    noise = torch.randn(latents.shape, generator=t.generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, t.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=t.generator, device=latents.device).long()
-    noisy_latents = t.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents, timesteps, target = family.noisy_batch(t.noise_scheduler, latents, t.generator)
     prompt_embeds = t.encoders.prompt_embeds(batch)
     # The paper drops half the prompts so the ControlNet learns to read the condition alone.
     prompt_embeds = drop_captions(prompt_embeds, t.encoders.empty_embed, t.cfg.proportion_empty_prompts,
                                     t.generator)
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
     with t.accelerator.autocast():
-        pred = predict_noise(t.unet, t.controlnet, noisy_latents, timesteps, prompt_embeds, cond,
-                             only_mid_control=t.cfg.only_mid_control)
-    if t.noise_scheduler.config.prediction_type == "v_prediction":
-        target = t.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+        pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompt_embeds, cond,
+                              only_mid_control=t.cfg.only_mid_control)
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 

@@ -7,12 +7,18 @@ in a second, not after minutes of loading.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from zeroconv.config import TrainConfig
+from zeroconv.config import TrainConfig, check_train_config
+from zeroconv.data.conditions import get_extractor
+from zeroconv.data.sources import Examples, open_examples
 from zeroconv.errors import UserError
+from zeroconv.evaluate.metrics import get_metric
+from zeroconv.hub import check_push_possible
+from zeroconv.models.locate import check_base_arg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,42 +72,30 @@ def tracker_names(report_to: str | None) -> list[str]:
     return [name.strip() for name in report_to.split(",") if name.strip()]
 
 
-def preflight(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """All checks that need no model; returns the validation (image, prompt) pairs."""
-    from zeroconv.data.sources import check_data_args
-    from zeroconv.models.base import check_base_arg
-    from zeroconv.train.validate import validation_pairs
+@dataclass
+class Checked:
+    """What preflight had to open to check it, handed to set-up so nothing is read twice."""
 
+    validation_pairs: list[tuple[str, str]]
+    examples: Examples
+
+
+def preflight(cfg: TrainConfig) -> Checked:
+    """All checks that need no model."""
     check_base_arg(cfg.pretrained_model_name_or_path, revision=cfg.revision, cache_dir=cfg.cache_dir)
     if cfg.controlnet_model_name_or_path:
         path = Path(cfg.controlnet_model_name_or_path)
         if path.exists() and not (path / "config.json").is_file():
             raise UserError(f"--controlnet_model_name_or_path {path}: no config.json; expected a diffusers "
                             "ControlNet folder (use `zeroconv import` for a single file)")
-    if cfg.resolution % 8:
-        raise UserError(f"--resolution {cfg.resolution}: must be divisible by 8 (the VAE's latent grid); try "
-                        f"{cfg.resolution // 8 * 8}")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "logging_steps", "max_nonfinite_steps"):
-        if getattr(cfg, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
+    pairs = check_train_config(cfg)
     if cfg.condition:
-        from zeroconv.data.conditions import get_extractor
-
         get_extractor(cfg.condition)  # unknown names fail here, before any model loads
     if cfg.validation_metric:
-        from zeroconv.evaluate.metrics import get_metric
-
         get_metric(cfg.validation_metric)
-    pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
-    for image, _ in pairs:
-        if not Path(image).is_file():
-            raise UserError(f"--validation_image {image}: no such file")
-    check_data_args(cfg)
+    examples = open_examples(cfg)
     check_output_dir(cfg.output_dir)
     check_optional_packages(cfg)
     if cfg.push_to_hub:
-        from zeroconv.export import check_push_possible
-
         check_push_possible(cfg.hub_model_id or Path(cfg.output_dir).resolve().name, cfg.hub_token)
-    return pairs
+    return Checked(pairs, examples)

@@ -12,37 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from zeroconv.errors import UserError
+from zeroconv.data.transforms import load_condition
+from zeroconv.evaluate.grid import make_grid
 
 logger = logging.getLogger("zeroconv.validate")
-
-def validation_pairs(prompts: list[str] | None, images: list[str] | None) -> list[tuple[str, str]]:
-    """diffusers' pairing rule: equal counts pair up; a single prompt or image is used with all of the other."""
-    if not prompts and not images:
-        return []
-    if not prompts or not images:
-        missing = "--validation_prompt" if not prompts else "--validation_image"
-        given = "--validation_image" if not prompts else "--validation_prompt"
-        raise UserError(f"{given} is set but {missing} is not; give both (one of either, or equal counts)")
-    if len(images) == len(prompts):
-        return list(zip(images, prompts))
-    if len(images) == 1:
-        return [(images[0], p) for p in prompts]
-    if len(prompts) == 1:
-        return [(i, prompts[0]) for i in images]
-    raise UserError(f"{len(prompts)} --validation_prompt and {len(images)} --validation_image do not pair up: give "
-                    "equal counts, or one of either")
-
-
-def load_condition(path: str | Path, resolution: int, channels: int) -> torch.Tensor:
-    """A conditioning image as the ControlNet sees it in training: [1, C, R, R] in [0, 1]."""
-    from zeroconv.data.transforms import PairedTransform, to_condition_mode, to_tensor
-
-    with Image.open(path) as image:
-        condition = PairedTransform(resolution, channels).fit(to_condition_mode(image, channels))
-    return to_tensor(condition).unsqueeze(0)
 
 
 def condition_to_rgb(cond: torch.Tensor) -> Image.Image:
@@ -50,20 +25,6 @@ def condition_to_rgb(cond: torch.Tensor) -> Image.Image:
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
     return Image.fromarray(array[..., :3])
-
-
-def make_grid(rows: list[tuple[Image.Image, list[Image.Image], str]], caption_height: int = 14) -> Image.Image:
-    """One row per (condition, samples, prompt): condition | samples, prompt written underneath."""
-    size = rows[0][0].size[0]
-    columns = 1 + max(len(samples) for _, samples, _ in rows)
-    grid = Image.new("RGB", (columns * size, len(rows) * (size + caption_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (condition, samples, prompt) in enumerate(rows):
-        y = r * (size + caption_height)
-        for c, image in enumerate([condition, *samples]):
-            grid.paste(image.convert("RGB").resize((size, size)), (c * size, y))
-        draw.text((2, y + size + 1), prompt[: columns * size // 6], fill="black")
-    return grid
 
 
 def generate(pipe, pairs_with_conditions, num_images: int, seed: int, steps: int, guidance: float, device):
@@ -95,14 +56,12 @@ def run_validation(t, step: int) -> dict[str, float]:
 
 
 def _run_validation(t, step: int) -> dict[str, float]:
-    from zeroconv.models.pipeline import build_pipeline
-
     cfg = t.cfg
     controlnet = t.accelerator.unwrap_model(t.controlnet)
     unet = t.accelerator.unwrap_model(t.unet)
     t.encoders_to_device()  # a cached run keeps the VAE and text encoder off the device until now
     # the live modules, in the dtypes training holds them in: nothing is copied or cast for a validation
-    pipe = build_pipeline(t.base, controlnet, unet=unet)
+    pipe = t.base.family.pipeline(t.base, controlnet, unet=unet)
     metrics: dict[str, float] = {}
     pairs = [(load_condition(path, cfg.resolution, cfg.conditioning_channels), prompt)
              for path, prompt in t.validation_pairs]

@@ -1,0 +1,56 @@
+"""Model families (zeroconv.models.families): one registry, the family read from the base, a clear error when
+none matches, and no stage above models asking which family it has."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from zeroconv.errors import UserError
+from zeroconv.models.families import FAMILIES, detect, get_family
+
+PACKAGE = Path(__file__).resolve().parents[2] / "zeroconv"
+
+
+def test_sd_base_folder_is_the_sd_family(tiny_base):
+    assert detect(str(tiny_base)).name == "sd"
+    assert get_family("sd").name == "sd" and list(FAMILIES) == ["sd"]
+
+
+def test_folder_without_model_index_is_read_from_its_unet_config(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    assert detect(str(tmp_path)).name == "sd"
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                               "addition_embed_type": "text_time"}))
+    with pytest.raises(UserError, match=r"--pretrained_model_name_or_path .*UNet2DConditionModel"):
+        detect(str(tmp_path))
+
+
+def test_unknown_pipeline_class_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(UserError, match=r"model_index\.json names FluxPipeline.*StableDiffusionPipeline"):
+        detect(str(tmp_path), "my-flux")
+
+
+def test_single_file_family_from_its_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1)}, str(sd))
+    assert detect(str(sd)).name == "sd"
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(flux))
+    with pytest.raises(UserError, match=r"flux\.safetensors: its keys \(top-level names double_blocks\)"):
+        detect(str(flux))
+
+
+def test_no_stage_above_models_asks_which_family_it_has():
+    asking = re.compile(r"family\s*(==|!=|\bin\b)|\.name\s*==\s*[\"']sd|isinstance\([^)]*StableDiffusion\b")
+    offenders = [f"{path.relative_to(PACKAGE)}:{n}" for folder in ("train", "data", "evaluate")
+                 for path in sorted((PACKAGE / folder).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if asking.search(line)]
+    assert offenders == []

@@ -1,0 +1,118 @@
+"""Model families: what differs between SD 1.x/2.x, SDXL, SD3 and Flux, behind one interface.
+
+A family is a class with the methods of `Family` below, in its own module, registered in FAMILIES. Everything
+above zeroconv.models (training, the cache, validation, sampling) calls the family of the loaded base
+(`Base.family`) and never asks which one it is. `detect` finds the family of a base from its model_index.json
+`_class_name`, its unet/config.json, or the keys of a single-file checkpoint; docs/architecture.md has the recipe
+for adding one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from zeroconv.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from zeroconv.models.parts import Base
+
+# name -> "module:class". One line a family; the order is the order detection asks them in.
+FAMILIES: dict[str, str] = {
+    "sd": "zeroconv.models.families.sd:StableDiffusion",
+}
+
+
+class Family(Protocol):
+    name: str
+    label: str  # for messages: "Stable Diffusion 1.x/2.x"
+    pipeline_classes: tuple[str, ...]  # model_index.json _class_name values it loads
+    decoder_prefixes: tuple[str, ...]  # the denoiser's parameters --sd_locked false trains
+
+    def matches_unet_config(self, config: dict) -> bool: ...
+    def matches_keys(self, keys: set[str]) -> bool: ...
+    def load_base(self, location: str, name: str, revision: str | None, variant: str | None,
+                  cache_dir: str | None, tokenizer_name: str | None, dtype) -> Base: ...
+    def frozen_encoders(self, base: Base) -> list: ...
+    def prompt_shape(self, base: Base) -> tuple[int, ...]: ...
+    def build_controlnet(self, base: Base, conditioning_channels: int, condition_encoder_init: str): ...
+    def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None): ...
+    def encode_prompts(self, base: Base, captions: list[str], device) -> torch.Tensor: ...
+    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def denoise(self, unet, controlnet, noisy, timesteps, prompt_embeds, condition,
+                only_mid_control: bool = False) -> torch.Tensor: ...
+    def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"): ...
+    def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict: ...
+
+
+def get_family(name: str) -> Family:
+    module_name, class_name = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
+
+
+def families() -> list[Family]:
+    return [get_family(name) for name in FAMILIES]
+
+
+def single_file_keys(path: Path) -> set[str]:
+    """The tensor names of a single-file checkpoint; from the header alone for .safetensors."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return set(handle.keys())
+    from zeroconv.models.single_file import read_checkpoint
+
+    return set(read_checkpoint(path)[0])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def hub_model_index(name: str, revision: str | None, cache_dir: str | None) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return _read_json(Path(hf_hub_download(name, "model_index.json", revision=revision, cache_dir=cache_dir)))
+    except Exception:  # noqa: BLE001 - the load that follows names the real problem (missing repo, network)
+        return {}
+
+
+def detect(location: str, name: str | None = None, revision: str | None = None, cache_dir: str | None = None,
+           flag: str = "--pretrained_model_name_or_path") -> Family:
+    """The family of the base at `location` (a resolved folder, file or hub id; `name` is what the user gave)."""
+    name = name or location
+    path = Path(location)
+    if path.is_file():
+        keys = single_file_keys(path)
+        for family in families():
+            if family.matches_keys(keys):
+                return family
+        sample = ", ".join(sorted({key.split(".")[0] for key in keys})[:8])
+        raise UserError(f"{flag} {name}: its keys (top-level names {sample}) match no model family zeroconv trains "
+                        f"({', '.join(f.label for f in families())}); pass an original-layout SD 1.x/2.x checkpoint")
+    index = _read_json(path / "model_index.json") if path.is_dir() else hub_model_index(location, revision, cache_dir)
+    class_name = index.get("_class_name")
+    if class_name:
+        for family in families():
+            if class_name in family.pipeline_classes:
+                return family
+        known = ", ".join(c for f in families() for c in f.pipeline_classes)
+        raise UserError(f"{flag} {name}: model_index.json names {class_name}, which no zeroconv model family "
+                        f"trains (known: {known}); use a base of one of those pipelines")
+    unet = _read_json(path / "unet" / "config.json") if path.is_dir() else {}
+    for family in families():
+        if unet and family.matches_unet_config(unet):
+            return family
+    found = unet.get("_class_name") if unet else "no model_index.json and no unet/config.json"
+    raise UserError(f"{flag} {name}: cannot tell the model family ({found}); expected a diffusers folder of one of "
+                    f"{', '.join(f.label for f in families())} (save one with its pipeline's save_pretrained)")

@@ -1,0 +1,116 @@
+"""Stable Diffusion 1.x/2.x: one CLIP text encoder, an AutoencoderKL, a UNet2DConditionModel with cross-attention,
+DDPM noise with an epsilon or v-prediction target, diffusers' ControlNetModel and lllyasviel's original layout.
+
+The first family (zeroconv.models.families): each method is one place where another family differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zeroconv.models.controlnet import DECODER_PREFIXES
+from zeroconv.models.parts import Base
+
+
+class StableDiffusion:
+    name = "sd"
+    label = "Stable Diffusion 1.x/2.x"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionControlNetPipeline",
+                        "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+    decoder_prefixes = DECODER_PREFIXES
+
+    # --- which bases are SD ---------------------------------------------------------------------------------
+    def matches_unet_config(self, config: dict) -> bool:
+        # SDXL's UNet is a UNet2DConditionModel too; its size/crop conditioning sets addition_embed_type
+        return config.get("_class_name") == "UNet2DConditionModel" and not config.get("addition_embed_type")
+
+    def matches_keys(self, keys: set[str]) -> bool:
+        from zeroconv.models import formats
+
+        has_unet = any(key.startswith(formats.UNET_PREFIX + "input_blocks.") for key in keys)
+        has_text = any(key.startswith("cond_stage_model.") for key in keys)  # SDXL: conditioner.embedders.*
+        return has_unet and has_text
+
+    # --- the frozen parts -----------------------------------------------------------------------------------
+    def load_base(self, location: str, name: str, revision: str | None = None, variant: str | None = None,
+                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None) -> Base:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        if Path(location).is_file():
+            from zeroconv.models.single_file import load_sd_single_file
+
+            parts = load_sd_single_file(location, tokenizer_name=tokenizer_name, dtype=dtype)
+            return Base(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
+                        DDPMScheduler.from_config(parts["scheduler"].config), family=self)
+        common = dict(revision=revision, cache_dir=cache_dir)
+        # torch_dtype, not dtype: the spelling both diffusers and transformers (4.x and 5) accept
+        weights = dict(variant=variant, torch_dtype=dtype, **common)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or location, subfolder=None if tokenizer_name else
+                                                  "tokenizer", use_fast=False, **common)
+        return Base(
+            tokenizer=tokenizer,
+            text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
+            vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights),
+            noise_scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common),
+            family=self,
+        )
+
+    def frozen_encoders(self, base: Base) -> list:
+        """The modules that turn a batch into the denoiser's inputs: moved and cast together, and kept off the
+        device when a latent cache stands in for them."""
+        return [base.vae, base.text_encoder]
+
+    # --- the ControlNet -------------------------------------------------------------------------------------
+    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper"):
+        from zeroconv.models.controlnet import build_controlnet
+
+        return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels, condition_encoder_init)
+
+    def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
+
+    # --- prompts (the latent cache stores what this returns, per distinct caption) --------------------------
+    def encode_prompts(self, base: Base, captions: list[str], device) -> torch.Tensor:
+        """The text encoder's last hidden states, [N, 77, hidden], in the text encoder's dtype."""
+        ids = base.tokenizer(captions, max_length=base.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids
+        return base.text_encoder(ids.to(device), return_dict=False)[0]
+
+    def prompt_shape(self, base: Base) -> tuple[int, int]:
+        return base.tokenizer.model_max_length, base.text_encoder.config.hidden_size
+
+    # --- one training step ----------------------------------------------------------------------------------
+    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator):
+        """(noisy latents, timesteps, loss target): DDPM noise at uniform timesteps; the target is the noise, or
+        the velocity for a v-prediction base. Random draws in the textbook order: noise, then timesteps."""
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=latents.device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            return noisy, timesteps, scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, timesteps, noise
+
+    def denoise(self, unet, controlnet, noisy, timesteps, prompt_embeds, condition, only_mid_control: bool = False):
+        """The frozen UNet's prediction with the ControlNet's residuals (all 13, or the middle one alone)."""
+        from zeroconv.models.controlnet import predict_noise
+
+        return predict_noise(unet, controlnet, noisy, timesteps, prompt_embeds, condition,
+                             only_mid_control=only_mid_control)
+
+    # --- sampling and export --------------------------------------------------------------------------------
+    def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"):
+        from zeroconv.models.pipeline import build_pipeline
+
+        return build_pipeline(base, controlnet, unet=unet, scheduler=scheduler)
+
+    def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict:
+        from zeroconv.models import formats
+
+        return formats.controlnet_to_original(state_dict, config, prefix=prefix)

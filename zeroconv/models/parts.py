@@ -1,0 +1,31 @@
+"""The loaded base: its frozen parts and its family. Apart from zeroconv.models.base, which loads it, so the
+families that build it need not import the loader that calls them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zeroconv.models.families import Family
+
+
+@dataclass
+class Base:
+    """The frozen parts of a Stable Diffusion model that a ControlNet trains against, and their family, which
+    knows how to use them."""
+
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    noise_scheduler: object  # DDPM, for training; sampling builds its own from the same config
+    family: Family
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type

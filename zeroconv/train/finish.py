@@ -1,0 +1,72 @@
+"""The end of a finished run: the trained weights in diffusers layout, train_summary.json with the
+controllability table, the model card and, with --report, the page once more."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from zeroconv.card import write_model_card
+from zeroconv.evaluate.curve import curves_from_rows, format_table, summarize
+from zeroconv.hub import DECODER_FOLDER
+from zeroconv.jsonl import read_growing
+
+if TYPE_CHECKING:
+    from zeroconv.train.run import TrainingRun
+
+
+def save_final(run: TrainingRun) -> Path:
+    """The trained ControlNet in diffusers layout in output_dir (and the trained decoder as a full UNet)."""
+    out = Path(run.cfg.output_dir)
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        run.accelerator.unwrap_model(run.controlnet).save_pretrained(out, safe_serialization=True)
+        if not run.cfg.sd_locked:
+            run.accelerator.unwrap_model(run.unet).save_pretrained(out / DECODER_FOLDER, safe_serialization=True)
+        summary = {"global_step": run.state.global_step, "skipped_samples": run.state.skipped_samples,
+                   "nonfinite_steps": run.state.nonfinite_steps, "nonfinite_log": run.state.nonfinite_log,
+                   "controllability": report_controllability(out / "metrics.jsonl")}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        write_card(run, out)
+        if run.cfg.report:  # once more, so the page shows the finished run's counters
+            from zeroconv.report import refresh_report
+
+            refresh_report(out)
+    run.accelerator.wait_for_everyone()
+    return out
+
+
+def report_controllability(metrics_file: Path) -> dict:
+    """Print the validation metrics over steps and summarize each curve (baseline, best, when control appeared)."""
+    curves = curves_from_rows(read_growing(metrics_file))
+    if not curves:
+        return {}
+    print("controllability over training steps (validation set):\n" + format_table(curves), file=sys.stderr)
+    summaries = {key: summarize(curve, key) for key, curve in curves.items()}
+    for key, s in summaries.items():
+        if s.get("baseline") is not None:
+            appeared = (f"control appeared at step {s['control_appeared_at']}" if s["control_appeared_at"]
+                        else "no gain over the base yet")
+            print(f"{key}: base alone {s['baseline']:.3f} -> best {s['best']:.3f} at step {s['best_step']}; "
+                  f"{appeared}", file=sys.stderr)
+    return summaries
+
+
+def write_card(run: TrainingRun, out: Path) -> None:
+    cfg = run.cfg
+    validation = {k: v for row in run.metrics_log for k, v in row.items() if k.startswith("validation/")}
+    grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
+    write_model_card(out, {
+        "base_model": cfg.pretrained_model_name_or_path,
+        "condition": cfg.condition or cfg.conditioning_image_column,
+        "dataset": cfg.dataset_name or cfg.train_data_dir,
+        "steps": run.state.global_step,
+        "effective_batch": cfg.train_batch_size * cfg.gradient_accumulation_steps * run.accelerator.num_processes,
+        "resolution": cfg.resolution,
+        "controllability": validation,
+        "validation_grid": str(grids[-1].relative_to(out)) if grids else None,
+        "sd_locked": cfg.sd_locked,
+        "only_mid_control": cfg.only_mid_control,
+    })

@@ -1,0 +1,289 @@
+"""The run's parts, built once: accelerator, dataset, base, ControlNet, dtypes, optimizer, schedule, resume state,
+and the step's inputs (live encoders or the latent cache).
+
+`zeroconv cache` (zeroconv.train.cache) builds its dataset, base and dtype with the functions here too, so the
+cache it writes is the one `zeroconv train --cache auto` looks for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from zeroconv.config import TrainConfig, save_yaml, to_dict
+from zeroconv.data.cache import LatentCache
+from zeroconv.data.dataset import ControlNetDataset
+from zeroconv.data.sources import Examples
+from zeroconv.models.base import Base
+from zeroconv.models.dtypes import resolve_mixed_precision, weight_dtype
+from zeroconv.train.preflight import Checked, check_disk_space, tracker_names
+
+logger = logging.getLogger("zeroconv.train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared with `zeroconv cache`
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_seed(cfg: TrainConfig) -> int:
+    return cfg.seed if cfg.seed is not None else 0
+
+
+def make_accelerator(cfg: TrainConfig, tracking: bool = True):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if not tracking:
+        return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        log_with=tracker_names(cfg.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)),
+    )
+
+
+def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNetDataset:
+    from zeroconv.data.transforms import PairedTransform
+
+    condition_fn = None
+    if cfg.condition:
+        from zeroconv.data.conditions import get_extractor
+
+        condition_fn = get_extractor(cfg.condition, seed=seed)
+    return ControlNetDataset(examples, PairedTransform(cfg.resolution, cfg.conditioning_channels), seed=seed,
+                             random_flip=cfg.random_flip, strict_data=cfg.strict_data, condition_fn=condition_fn)
+
+
+def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base:
+    from zeroconv.models.base import load_base
+
+    return load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype)
+
+
+def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
+                 dtype: torch.dtype) -> LatentCache:
+    """The cache of `dataset` through `base`'s encoders in `dtype`: reused when complete, else built."""
+    from zeroconv.data import cache
+    from zeroconv.models.locate import resolve_base
+
+    identity = cache.cache_identity(
+        dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base),
+        cfg.tokenizer_name, cfg.condition, dtype)
+    for module in base.family.frozen_encoders(base):
+        module.to(device)
+    encoders = cache.Encoders(base.vae, lambda captions: base.family.encode_prompts(base, captions, device),
+                              base.family.prompt_shape(base), device, dtype, cfg.train_batch_size)
+    return cache.open_or_build(cfg.latent_cache_dir or cache.default_cache_root(), identity, dataset, encoders,
+                               flipped=cfg.random_flip, strict_data=cfg.strict_data,
+                               num_workers=cfg.dataloader_num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed and memory options
+# ----------------------------------------------------------------------------------------------------------------
+
+def enable_memory_efficient_attention(cfg: TrainConfig, unet, controlnet) -> None:
+    if not cfg.enable_xformers_memory_efficient_attention:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
+        logger.warning("--enable_xformers_memory_efficient_attention: xformers %s; using PyTorch's scaled dot "
+                       "product attention instead (as fast on recent PyTorch)",
+                       "is not installed" if importlib.util.find_spec("xformers") is None else "needs a CUDA GPU")
+        return
+    unet.enable_xformers_memory_efficient_attention()
+    controlnet.enable_xformers_memory_efficient_attention()
+
+
+def compile_controlnet(controlnet) -> None:
+    """torch.compile in place (state-dict keys and saving unchanged). Compilation happens at the first step; where
+    it fails (no C++ compiler, an unsupported op) dynamo warns and runs that code eagerly instead of stopping."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    try:
+        controlnet.compile()
+    except Exception as exc:  # noqa: BLE001 - an optional speed-up must not stop training
+        logger.warning("--compile: torch.compile unavailable (%s: %s); training uncompiled", type(exc).__name__, exc)
+
+
+CHANNELS_LAST_MIN_LATENT = 32
+
+
+def use_channels_last(requested: bool | None, resolution: int, vae_scale_factor: int) -> bool:
+    """--channels_last as given, or when unset ("auto") on for latent grids of at least 32x32: on CPU it measured
+    faster there (the 3-level base at 256 px) and not on 8x8 or 16x16 grids (the tiny and toy bases at 64 px)."""
+    if requested is not None:
+        return requested
+    return resolution // vae_scale_factor >= CHANNELS_LAST_MIN_LATENT
+
+
+def make_optimizer(cfg: TrainConfig, controlnet_params: list, decoder_params: list, lr_scale: float):
+    groups = [{"params": controlnet_params, "lr": cfg.learning_rate * lr_scale}]
+    if decoder_params:
+        groups.append({"params": decoder_params, "lr": cfg.decoder_learning_rate * lr_scale})
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **adamw_implementation([p for g in groups for p in g["params"]]), **kwargs)
+
+
+def adamw_implementation(params: list) -> dict:
+    """fused=True where torch has a fused AdamW kernel for every parameter's device (CUDA, and CPU since torch
+    2.4: one kernel per tensor instead of the foreach fallback's op-by-op loop; 2.4x faster on the bench's
+    ControlNets, equal to the plain loop to 1 ulp); foreach=True elsewhere."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = set(_get_fused_kernels_supported_devices())
+    if params and all(p.device.type in supported and p.dtype.is_floating_point for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run's parts
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
+    """What a checkpoint must share with the run that resumes it, flat so a mismatch names the exact key."""
+    identity = {"base": cfg.pretrained_model_name_or_path, "resolution": cfg.resolution, "sd_locked": cfg.sd_locked,
+                "only_mid_control": cfg.only_mid_control, "conditioning_channels": cfg.conditioning_channels}
+    for prefix, config in (("base_unet", base.unet.config), ("controlnet", controlnet.config)):
+        for key, value in config.items():
+            if not key.startswith("_"):
+                identity[f"{prefix}.{key}"] = json.loads(json.dumps(value, default=str))
+    return identity
+
+
+def tracker_config(cfg: TrainConfig) -> dict:
+    """Trackers take scalars only: lists become strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in to_dict(cfg).items()}
+
+
+def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None = None) -> dict:
+    """The fields of zeroconv.train.run.TrainingRun, from a config preflight has passed."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from zeroconv.data.dataset import collate
+    from zeroconv.data.order import batches_per_epoch, epoch_batches
+    from zeroconv.train.checkpoint import TrainerState, check_identity, find_resume_checkpoint, load_checkpoint
+    from zeroconv.train.inputs import CachedEncoders, LiveEncoders
+    from zeroconv.train.loop import steps_for
+
+    accelerator = make_accelerator(cfg)
+    seed = run_seed(cfg)
+    set_seed(seed)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # data first: a bad dataset should not cost a model load
+    dataset = build_dataset(cfg, checked.examples, seed)
+    base = load_frozen_base(cfg)
+    family = base.family
+    if cfg.controlnet_model_name_or_path:
+        controlnet = family.load_controlnet(cfg.controlnet_model_name_or_path, cache_dir=cfg.cache_dir)
+    else:
+        controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init)
+    controlnet.train()
+    enable_memory_efficient_attention(cfg, base.unet, controlnet)
+    if cfg.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        compile_controlnet(controlnet)
+
+    dtype = weight_dtype(accelerator.mixed_precision)
+    unet = base.unet
+    decoder_params = []
+    if not cfg.sd_locked:
+        decoder_params = [p for name, p in unet.named_parameters() if name.startswith(family.decoder_prefixes)]
+        for p in decoder_params:
+            p.requires_grad_(True)
+        unet.train()
+    # frozen weights in the training dtype; trained ones keep fp32 master weights
+    frozen_dtype = {unet: torch.float32 if decoder_params else dtype,
+                    **{module: dtype for module in family.frozen_encoders(base)}}
+    for module, module_dtype in frozen_dtype.items():
+        module.to(accelerator.device)
+        if module_dtype != torch.float32:
+            module.to(dtype=module_dtype)
+    controlnet.to(accelerator.device)
+    if use_channels_last(cfg.channels_last, cfg.resolution, base.vae_scale_factor):
+        for module in (controlnet, unet):
+            module.to(memory_format=torch.channels_last)
+
+    lr_scale = (cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+                if cfg.scale_lr else 1.0)
+    controlnet_params = [p for p in controlnet.parameters() if p.requires_grad]
+    # weights + two AdamW moments, fp32, per kept checkpoint (one more while the next is written)
+    checkpoint_bytes = 12 * sum(p.numel() for p in controlnet_params + decoder_params)
+    check_disk_space(cfg.output_dir, checkpoint_bytes * ((cfg.checkpoints_total_limit or 1) + 1))
+    optimizer = make_optimizer(cfg, controlnet_params, decoder_params, lr_scale)
+    per_epoch = batches_per_epoch(len(dataset), cfg.train_batch_size, accelerator.num_processes)
+    max_train_steps = steps_for(per_epoch, cfg.gradient_accumulation_steps, cfg.num_train_epochs,
+                                cfg.max_train_steps)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    if decoder_params:
+        controlnet, unet, optimizer = accelerator.prepare(controlnet, unet, optimizer)
+    else:
+        controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+    identity = run_identity(cfg, base, accelerator.unwrap_model(controlnet))
+    state = TrainerState()
+    checkpoint = find_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+    if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
+        logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh", cfg.output_dir)
+    if checkpoint is not None:
+        check_identity(checkpoint, identity)
+        state = load_checkpoint(checkpoint, controlnet=accelerator.unwrap_model(controlnet),
+                                unet=accelerator.unwrap_model(unet), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                scaler=accelerator.scaler, generator=generator)
+        logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
+                       state.batches_in_epoch)
+
+    if cfg.cache == "off":
+        encoders = LiveEncoders(base, accelerator.device, dtype)
+    else:  # the cache's latents and embeddings replace the images and captions; the encoders leave the device
+        from zeroconv.data.cache import CachedDataset
+
+        cache = latent_cache(cfg, dataset, base, accelerator.device, dtype)
+        # the VAE and text encoder end up on the CPU, off the training device, until validation borrows them
+        encoders = CachedEncoders(cache.empty_embed, base, accelerator.device, dtype)
+        dataset, collate = CachedDataset(cache, dataset), CachedDataset.collate
+    batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
+                            num_workers=cfg.dataloader_num_workers, collate_fn=collate,
+                            rank=accelerator.process_index, world_size=accelerator.num_processes,
+                            pin_memory=accelerator.device.type == "cuda")
+    metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None)
+    metric_fn = None
+    if metric_name:
+        from zeroconv.evaluate.metrics import METRICS, get_metric
+
+        if metric_name in METRICS:
+            metric_fn = get_metric(metric_name)
+    if accelerator.is_main_process:
+        save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+    progress = tqdm(total=max_train_steps, initial=state.global_step, desc="train",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    logger.info("%d examples, %d optimizer steps, effective batch %d", len(dataset), max_train_steps,
+                cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
+    return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
+                noise_scheduler=base.noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                trainable_params=controlnet_params + decoder_params, generator=generator, state=state,
+                batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
+                validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,
+                progress=progress)
