@@ -57,7 +57,9 @@ class DemoConfig:
     cache: str = option("auto", "Cache the training set's latents and text embeddings (`zeroconv train --cache`), "
                         "in OUT/cache; 'off' encodes every batch.", choices=["auto", "off"])
     lr_warmup_steps: int = option(50, "Warm-up steps.")
-    proportion_empty_prompts: float = option(0.5, "Fraction of prompts dropped in training (the paper's 0.5).")
+    proportion_empty_prompts: float = option(
+        0.0, "Fraction of prompts dropped in training: `zeroconv train`'s default; the paper's 0.5 learns this task "
+        "more slowly (bench/RESULTS.md, learn race).")
     validation_steps: int = option(50, "Validate (sample and score the held-out outlines) every N steps.")
     inference_steps: int = option(20, "Denoising steps of every sample.")
     guidance_scale: float = option(
