@@ -58,8 +58,8 @@ class DemoConfig:
                         "in OUT/cache; 'off' encodes every batch.", choices=["auto", "off"])
     lr_warmup_steps: int = option(50, "Warm-up steps.")
     proportion_empty_prompts: float = option(
-        0.0, "Fraction of prompts dropped in training: `zeroconv train`'s default; the paper's 0.5 learns this task "
-        "more slowly (bench/RESULTS.md, learn race).")
+        0.0, "Fraction of prompts dropped in training: `zeroconv train`'s default. The paper's 0.5 learns the outline "
+        "more slowly but keeps the circle colors under guidance late in the run (README, the demo).")
     validation_steps: int = option(50, "Validate (sample and score the held-out outlines) every N steps.")
     inference_steps: int = option(20, "Denoising steps of every sample.")
     guidance_scale: float = option(
