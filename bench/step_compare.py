@@ -31,6 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peer_env"))
+sys.path.insert(0, str(HERE))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ class StepRecorder:
 
     A step starts at the VAE encode (live latents) or at the first posterior draw (cached latents)."""
 
-    def __init__(self, controlnet_holder=None):
+    def __init__(self):
         self.steps: list[dict] = []
         self.replay: list[dict] | None = None  # when set, draws are taken from here instead of the RNG
 
@@ -227,26 +228,18 @@ def print_table(rows: list[dict]) -> None:
 
 
 def make_inputs(work: Path, seed: int) -> tuple[Path, Path]:
-    from zeroconv.data.synth import write_fill
+    """64 Fill examples in the imagefolder layout and one `zeroconv init` ControlNet: learn_race's writers."""
+    from learn_race import write_data, write_init
 
-    data = write_fill(work / "data", 64, 64, seed, "distinct", workers=1, overwrite=True, progress=False)
-    rows = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines()]
-    # the imagefolder layout: `datasets`' loader (the peer's) and zeroconv's read it the same way
-    (data / "metadata.jsonl").write_text("".join(json.dumps({
-        "file_name": r["target"], "conditioning_image_file_name": r["source"], "text": r["prompt"]}) + "\n"
-        for r in rows))
-    (data / "prompt.json").unlink()
-    init = work / "init"
-    subprocess.run([sys.executable, "-m", "zeroconv", "init", "--base", "toy", "--out", str(init),
-                    "--seed", str(seed)], check=True, capture_output=True)
-    return data, init
+    data, _ = write_data(work, "fill", 64, 1, 64)
+    return data, write_init(work, seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer", required=True, help="path to diffusers' examples/controlnet/train_controlnet.py")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps compared (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the init and both runs (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init and of both runs (default: 0)")
     parser.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                         help="passed to both; draws differ from 0 up, so compare at 0 (default: 0)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
