@@ -73,11 +73,11 @@ class StepRecorder:
         import torch.optim.optimizer as optimizer_hooks
         from diffusers import AutoencoderKL, ControlNetModel
 
-        saved = [(vae_module, "randn_tensor"), (torch_utils, "randn_tensor"), (torch, "randn_like"),
-                 (torch, "randn"), (torch, "randint"), (F, "mse_loss"), (AutoencoderKL, "encode"),
-                 (ControlNetModel, "forward"), (torch.optim.AdamW, "step")]
-        originals = [(obj, name, getattr(obj, name)) for obj, name in saved]
-        o = {name if obj is not torch_utils else "utils_randn_tensor": fn for obj, name, fn in originals}
+        patched = [(vae_module, "randn_tensor"), (torch_utils, "randn_tensor"), (torch, "randn_like"),
+                   (torch, "randn"), (torch, "randint"), (F, "mse_loss"), (AutoencoderKL, "encode"),
+                   (ControlNetModel, "forward")]
+        originals = [(obj, name, getattr(obj, name)) for obj, name in patched]
+        o = {name: fn for obj, name, fn in originals}  # both randn_tensor entries are diffusers' one function
         recorder = self
 
         def posterior_noise(shape, generator=None, device=None, dtype=None, layout=None):

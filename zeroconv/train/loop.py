@@ -27,7 +27,7 @@ def compute_loss(t, batch) -> torch.Tensor:
     latents = t.encoders.latents(batch, t.generator).float()
     noisy_latents, timesteps, target = family.noisy_batch(t.noise_scheduler, latents, t.generator)
     prompt_embeds = t.encoders.prompt_embeds(batch)
-    # The paper drops half the prompts so the ControlNet learns to read the condition alone.
+    # --proportion_empty_prompts (default 0, as diffusers; the paper's 0.5) teaches reading the condition alone.
     prompt_embeds = drop_captions(prompt_embeds, t.encoders.empty_embed, t.cfg.proportion_empty_prompts,
                                     t.generator)
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
