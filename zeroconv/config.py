@@ -281,6 +281,22 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value.")
+    timestep_sampling: str = option(
+        "uniform", "Density of the training timesteps. uniform: the paper's and diffusers'. cubic: t = (1 - u^3) T, "
+        "T2I-Adapter's, biased to high noise where the layout is decided. logit_normal: SD3's, sigmoid of "
+        "N(--logit_mean, --logit_std). Measured on the demo task in bench/RESULTS.md.", choices=["uniform", "cubic",
+                                                                                                "logit_normal"])
+    logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling logit_normal.")
+    logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling logit_normal.")
+    snr_gamma: float | None = option(
+        None, "Min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 recommended: each sample's loss times "
+        "min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction), as diffusers' scripts. Unset: "
+        "every timestep counts equally, as the paper.")
+    use_ema: bool = option(
+        False, "Keep an exponential moving average of the ControlNet's weights; validation samples it and output_dir "
+        "gets it at the end (the trained weights go to output_dir/without_ema; checkpoints hold both). Its decay "
+        "warms up as min(--ema_decay, (1+n)/(10+n)) after n steps.")
+    ema_decay: float = option(0.9999, "Largest decay of --use_ema's average (diffusers' EMAModel default).")
     max_nonfinite_steps: int = option(
         10, "Stop (with a checkpoint of the last good state) after this many NaN/inf steps in a row.")
     mixed_precision: str | None = option(
@@ -343,6 +359,12 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
             raise UserError(f"--{flag} must be at least 1")
     if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:
         raise UserError(f"--proportion_empty_prompts {cfg.proportion_empty_prompts}: must be between 0 and 1")
+    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+        raise UserError(f"--snr_gamma {cfg.snr_gamma}: must be positive (5.0 is the paper's), or unset for none")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise UserError(f"--ema_decay {cfg.ema_decay}: must be between 0 and 1 (e.g. 0.9999)")
+    if cfg.logit_std <= 0:
+        raise UserError(f"--logit_std {cfg.logit_std}: must be positive")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
     if cfg.conditioning_channels not in (1, 3, 4):

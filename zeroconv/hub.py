@@ -13,6 +13,10 @@ from zeroconv.errors import UserError
 
 # A trained decoder is saved as a full UNet in this folder of the run (zeroconv.train.finish, zeroconv.export).
 DECODER_FOLDER = "unet_decoder"
+# --use_ema (zeroconv.train.ema): the average in checkpoint-N/controlnet_ema, and at the end the trained weights in
+# output_dir/without_ema beside the average at the top.
+EMA_FOLDER = "controlnet_ema"
+RAW_FOLDER = "without_ema"
 
 
 def hub_offline() -> bool:

@@ -25,12 +25,17 @@ SCHEDULERS = {
 
 
 def load_controlnet(path: str, dtype=None):
-    """A trained ControlNet (a diffusers folder, a zeroconv output_dir or checkpoint-N, or a hub id) in `dtype`."""
+    """A trained ControlNet (a diffusers folder, a zeroconv output_dir or checkpoint-N, or a hub id) in `dtype`.
+    A checkpoint of a --use_ema run gives its average, as validation sampled it."""
     from diffusers import ControlNetModel
 
+    from zeroconv.hub import EMA_FOLDER
+
     folder = Path(path)
-    if (folder / "controlnet" / "config.json").is_file():  # a checkpoint-N folder
-        folder = folder / "controlnet"
+    for inside in (EMA_FOLDER, "controlnet"):  # a checkpoint-N folder
+        if (folder / inside / "config.json").is_file():
+            folder = folder / inside
+            break
     if folder.exists() and not (folder / "config.json").is_file():
         raise UserError(f"--controlnet {path}: no config.json; expected a diffusers ControlNet folder, a zeroconv "
                         "output_dir or checkpoint (use `zeroconv import` for a single file)")

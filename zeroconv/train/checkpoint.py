@@ -5,7 +5,8 @@ last, then the folder is renamed into place (a rename is atomic on one filesyste
 leaves only a `.tmp` folder that nothing ever loads. `latest` considers complete checkpoints only, and pruning to
 `--checkpoints_total_limit` runs after the new checkpoint is in place: there is always at least one good one.
 
-What is saved is everything the next step depends on: ControlNet (and trained UNet decoder), optimizer, LR
+What is saved is everything the next step depends on: ControlNet (its --use_ema average too, and the trained UNet
+decoder), optimizer, LR
 schedule, grad scaler, every RNG, the data position (epoch, batches consumed in it) and the counters. The run's
 identity (base, resolution, architecture) is saved too, and resume refuses a checkpoint whose identity differs.
 """
@@ -96,7 +97,7 @@ def restore_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_state: dict | None, optimizer,
                     lr_scheduler, scaler, generator: torch.Generator, state: TrainerState, identity: dict,
-                    config: dict, total_limit: int | None = None) -> Path:
+                    config: dict, total_limit: int | None = None, ema=None) -> Path:
     """Write checkpoint-{step} atomically, then prune old ones. Call on the main process only."""
     from safetensors.torch import save_file
 
@@ -106,6 +107,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+    if ema is not None:
+        ema.save(tmp)
     if decoder_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in decoder_state.items()}, tmp / "unet_decoder.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -176,12 +179,14 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
 
 
 def load_checkpoint(checkpoint: Path, *, controlnet, unet, optimizer, lr_scheduler, scaler,
-                    generator: torch.Generator) -> TrainerState:
+                    generator: torch.Generator, ema=None) -> TrainerState:
     """Restore everything `save_checkpoint` wrote into the live objects; returns the counters."""
     from safetensors.torch import load_file
 
     weights = load_file(checkpoint / "controlnet" / "diffusion_pytorch_model.safetensors")
     controlnet.load_state_dict(weights, strict=True)
+    if ema is not None:
+        ema.load(checkpoint)
     if (checkpoint / "unet_decoder.safetensors").is_file():
         unet.load_state_dict(load_file(checkpoint / "unet_decoder.safetensors"), strict=False)
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from zeroconv.card import write_model_card
 from zeroconv.evaluate.curve import curves_from_rows, format_table, summarize
-from zeroconv.hub import DECODER_FOLDER
+from zeroconv.hub import DECODER_FOLDER, RAW_FOLDER
 from zeroconv.jsonl import read_growing
 
 if TYPE_CHECKING:
@@ -18,11 +18,18 @@ if TYPE_CHECKING:
 
 
 def save_final(run: TrainingRun) -> Path:
-    """The trained ControlNet in diffusers layout in output_dir (and the trained decoder as a full UNet)."""
+    """The trained ControlNet in diffusers layout in output_dir (with --use_ema its average, the trained weights in
+    output_dir/without_ema), and the trained decoder as a full UNet."""
     out = Path(run.cfg.output_dir)
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        run.accelerator.unwrap_model(run.controlnet).save_pretrained(out, safe_serialization=True)
+        controlnet = run.accelerator.unwrap_model(run.controlnet)
+        if run.ema is not None:  # output_dir holds the average, the model users load; the trained weights beside it
+            controlnet.save_pretrained(out / RAW_FOLDER, safe_serialization=True)
+            with run.ema.applied():
+                controlnet.save_pretrained(out, safe_serialization=True)
+        else:
+            controlnet.save_pretrained(out, safe_serialization=True)
         if not run.cfg.sd_locked:
             run.accelerator.unwrap_model(run.unet).save_pretrained(out / DECODER_FOLDER, safe_serialization=True)
         summary = {"global_step": run.state.global_step, "skipped_samples": run.state.skipped_samples,

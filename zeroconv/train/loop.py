@@ -25,7 +25,8 @@ def compute_loss(t, batch) -> torch.Tensor:
     """The family's denoising loss with the ControlNet's residuals added to the frozen denoiser."""
     family = t.base.family
     latents = t.encoders.latents(batch, t.generator).float()
-    noisy_latents, timesteps, target = family.noisy_batch(t.noise_scheduler, latents, t.generator)
+    noisy_latents, timesteps, target, weights = family.noisy_batch(t.noise_scheduler, latents, t.generator,
+                                                                   t.noise_recipe)
     prompt_embeds = t.encoders.prompt_embeds(batch)
     # --proportion_empty_prompts (default 0, as diffusers; the paper's 0.5) teaches reading the condition alone.
     prompt_embeds = drop_captions(prompt_embeds, t.encoders.empty_embed, t.cfg.proportion_empty_prompts,
@@ -34,7 +35,11 @@ def compute_loss(t, batch) -> torch.Tensor:
     with t.accelerator.autocast():
         pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompt_embeds, cond,
                               only_mid_control=t.cfg.only_mid_control)
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    # --snr_gamma: each sample's mean squared error weighted by its noise level
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
 
 
 def train_loop(t) -> int:
@@ -61,6 +66,8 @@ def train_loop(t) -> int:
         finite, stop = agree(accelerator, finite, t.stop_signal is not None)  # the one host sync of a step
         if finite:
             t.optimizer.step()
+            if t.ema is not None:
+                t.ema.update()
             state.nonfinite_in_a_row = 0
             loss_sum += step_loss
             loss_count += 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 from zeroconv.config import TrainConfig, parse, to_dict
 from zeroconv.errors import EXIT_OK
 from zeroconv.models.base import Base
+from zeroconv.models.noise import NoiseRecipe
 from zeroconv.train.checkpoint import TrainerState
 from zeroconv.train.inputs import CachedEncoders, LiveEncoders
 from zeroconv.train.preflight import preflight
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import ControlNetModel, SchedulerMixin
     from tqdm.auto import tqdm
+
+    from zeroconv.train.ema import ControlNetEMA
 
 logger = logging.getLogger("zeroconv.train")
 
@@ -41,9 +45,11 @@ class TrainingRun:
     unet: torch.nn.Module
     encoders: LiveEncoders | CachedEncoders
     noise_scheduler: SchedulerMixin
+    noise_recipe: NoiseRecipe
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     trainable_params: list[torch.nn.Parameter]
+    ema: ControlNetEMA | None
     generator: torch.Generator
     state: TrainerState
     batches: Iterator[dict]
@@ -96,7 +102,7 @@ class TrainingRun:
                 self.cfg.output_dir, self.state.global_step, controlnet=self.accelerator.unwrap_model(self.controlnet),
                 decoder_state=self.decoder_state(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                 scaler=self.accelerator.scaler, generator=self.generator, state=self.state, identity=self.identity,
-                config=to_dict(self.cfg), total_limit=self.cfg.checkpoints_total_limit)
+                config=to_dict(self.cfg), total_limit=self.cfg.checkpoints_total_limit, ema=self.ema)
             logger.info("checkpoint saved: %s", path)
         self.accelerator.wait_for_everyone()
 
@@ -116,7 +122,8 @@ class TrainingRun:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return {}
-        metrics = run_validation(self, self.state.global_step)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # --use_ema: the average
+            metrics = run_validation(self, self.state.global_step)
         if metrics:
             self.record(self.state.global_step, metrics)
             shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items())

@@ -20,6 +20,7 @@ from zeroconv.data.dataset import ControlNetDataset
 from zeroconv.data.sources import Examples
 from zeroconv.models.base import Base
 from zeroconv.models.dtypes import resolve_mixed_precision, weight_dtype
+from zeroconv.models.noise import NoiseRecipe
 from zeroconv.train.preflight import Checked, check_disk_space, tracker_names
 
 logger = logging.getLogger("zeroconv.train")
@@ -240,6 +241,11 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     else:
         controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
+    ema = None
+    if cfg.use_ema:  # from the starting weights; a resume overwrites it with the checkpoint's average
+        from zeroconv.train.ema import ControlNetEMA
+
+        ema = ControlNetEMA(accelerator.unwrap_model(controlnet), cfg.ema_decay)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed)
     identity = run_identity(cfg, base, accelerator.unwrap_model(controlnet))
     state = TrainerState()
@@ -250,7 +256,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         check_identity(checkpoint, identity)
         state = load_checkpoint(checkpoint, controlnet=accelerator.unwrap_model(controlnet),
                                 unet=accelerator.unwrap_model(unet), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                scaler=accelerator.scaler, generator=generator)
+                                scaler=accelerator.scaler, generator=generator, ema=ema)
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
 
@@ -282,8 +288,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     logger.info("%d examples, %d optimizer steps, effective batch %d", len(dataset), max_train_steps,
                 cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
-                noise_scheduler=base.noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                trainable_params=controlnet_params + decoder_params, generator=generator, state=state,
+                noise_scheduler=base.noise_scheduler, noise_recipe=NoiseRecipe(
+                    cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.snr_gamma), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                trainable_params=controlnet_params + decoder_params, ema=ema, generator=generator, state=state,
                 batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
                 validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,
                 progress=progress)

@@ -86,16 +86,21 @@ class StableDiffusion:
         return base.tokenizer.model_max_length, base.text_encoder.config.hidden_size
 
     # --- one training step ----------------------------------------------------------------------------------
-    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator):
-        """(noisy latents, timesteps, loss target): DDPM noise at uniform timesteps; the target is the noise, or
-        the velocity for a v-prediction base. Random draws in the textbook order: noise, then timesteps."""
+    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator, recipe=None):
+        """(noisy latents, timesteps, loss target, per-sample loss weights or None): DDPM noise at timesteps from
+        the recipe's density (uniform by default); the target is the noise, or the velocity for a v-prediction
+        base. Random draws in the textbook order: noise, then timesteps."""
+        from zeroconv.models.noise import NoiseRecipe, draw_timesteps, min_snr_weights
+
+        recipe = recipe or NoiseRecipe()
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=latents.device).long()
+        timesteps = draw_timesteps(recipe, latents.shape[0], scheduler.config.num_train_timesteps, generator,
+                                   latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
+        weights = None if recipe.snr_gamma is None else min_snr_weights(scheduler, timesteps, recipe.snr_gamma)
         if scheduler.config.prediction_type == "v_prediction":
-            return noisy, timesteps, scheduler.get_velocity(latents, noise, timesteps)
-        return noisy, timesteps, noise
+            return noisy, timesteps, scheduler.get_velocity(latents, noise, timesteps), weights
+        return noisy, timesteps, noise, weights
 
     def denoise(self, unet, controlnet, noisy, timesteps, prompt_embeds, condition, only_mid_control: bool = False):
         """The frozen UNet's prediction with the ControlNet's residuals (all 13, or the middle one alone)."""

@@ -1,0 +1,61 @@
+"""Timestep densities and min-SNR weights (zeroconv.models.noise)."""
+
+import math
+
+import pytest
+import torch
+
+from zeroconv.models.noise import NoiseRecipe, draw_timesteps, min_snr_weights
+
+T = 1000
+
+
+def cubic_cdf(x: float) -> float:  # t = (1 - u^3) T, u ~ U(0, 1)
+    return 1.0 - (1.0 - x / T) ** (1.0 / 3.0)
+
+
+def logit_normal_cdf(x: float, mean: float, std: float) -> float:  # t = sigmoid(z) T, z ~ N(mean, std)
+    p = min(max(x / T, 1e-12), 1 - 1e-12)
+    return 0.5 * (1 + math.erf((math.log(p / (1 - p)) - mean) / (std * math.sqrt(2))))
+
+
+@pytest.mark.parametrize("recipe, cdf", [
+    (NoiseRecipe("uniform"), lambda x: x / T),
+    (NoiseRecipe("cubic"), cubic_cdf),
+    (NoiseRecipe("logit_normal"), lambda x: logit_normal_cdf(x, 0.0, 1.0)),
+    (NoiseRecipe("logit_normal", logit_mean=1.0, logit_std=0.5), lambda x: logit_normal_cdf(x, 1.0, 0.5)),
+])
+def test_timestep_density_matches_its_formula(recipe, cdf):
+    n = 200_000
+    t = draw_timesteps(recipe, n, T, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+    # Kolmogorov-Smirnov distance at every integer t: P(draw <= k) vs the formula's P(t < k + 1)
+    counts = torch.bincount(t, minlength=T).double().cumsum(0) / n
+    expected = torch.tensor([cdf(k + 1) for k in range(T)], dtype=torch.float64)
+    distance = float((counts - expected).abs().max())
+    assert distance < 0.005, distance  # 1.36/sqrt(n) = 0.003 is the 95% bound; a wrong density is off by >0.05
+
+
+def test_cubic_is_biased_to_high_noise_and_uniform_keeps_the_textbook_draws():
+    cubic = draw_timesteps(NoiseRecipe("cubic"), 100_000, T, torch.Generator().manual_seed(0), "cpu")
+    assert float((cubic >= 875).double().mean()) == pytest.approx(0.5, abs=0.01)
+    uniform = draw_timesteps(NoiseRecipe(), 16, T, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(uniform, torch.randint(0, T, (16,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_equal_diffusers_training_scripts(prediction_type):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
+    gamma = 5.0
+    # as in diffusers' examples (train_text_to_image.py): stack with gamma, min, divide by snr (+1 for v)
+    snr = compute_snr(scheduler, timesteps)
+    expected = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    expected = expected / (snr + 1) if prediction_type == "v_prediction" else expected / snr
+    weights = min_snr_weights(scheduler, timesteps, gamma)
+    assert torch.allclose(weights, expected, rtol=1e-6, atol=0)
+    assert float(weights[0]) < 0.01 and float(weights[-1]) == pytest.approx(1.0 if prediction_type == "epsilon"
+                                                                           else float(snr[-1] / (snr[-1] + 1)))

@@ -1,0 +1,62 @@
+"""Which noise levels a training step sees and how much each counts: the recipe knobs of DDPM training.
+
+The families draw their timesteps and loss weights here, so `--timestep_sampling` and `--snr_gamma` mean the same
+for every DDPM base (SD 1.x/2.x, SDXL). The densities:
+
+- uniform: t ~ U{0, ..., T-1}, the paper's and diffusers' (the same torch.randint call, so the same draws).
+- cubic: t = (1 - u^3) T with u ~ U(0, 1), T2I-Adapter's schedule. P(t <= x) = 1 - (1 - x/T)^(1/3): half the draws
+  land above t = 0.875 T, where the layout of the image is decided and a structure condition has the most to say.
+- logit_normal: t = sigmoid(z) T with z ~ N(--logit_mean, --logit_std), SD3's density (diffusers.training_utils'
+  compute_density_for_timestep_sampling draws it); P(t <= x) = Phi((logit(x/T) - mean) / std).
+
+Min-SNR weighting (Hang et al. 2023, `--snr_gamma`): each sample's loss is weighted min(SNR(t), gamma) / SNR(t) for
+an epsilon target and min(SNR(t), gamma) / (SNR(t) + 1) for a velocity target, as diffusers' training scripts do,
+so the nearly-clean timesteps (huge SNR, easy, uninformative) stop dominating the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TIMESTEP_SAMPLINGS = ("uniform", "cubic", "logit_normal")
+
+
+@dataclass(frozen=True)
+class NoiseRecipe:
+    """The noise-level knobs of a run (from TrainConfig); the defaults are the paper's."""
+
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    snr_gamma: float | None = None
+
+
+def draw_timesteps(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+                   device) -> torch.Tensor:
+    """Integer timesteps in [0, num_train_timesteps), one per sample, from the recipe's density."""
+    if recipe.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+    if recipe.timestep_sampling == "cubic":
+        u = torch.rand((batch_size,), generator=generator, device=device)
+        fraction = 1.0 - u ** 3
+    elif recipe.timestep_sampling == "logit_normal":
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        fraction = compute_density_for_timestep_sampling("logit_normal", batch_size, recipe.logit_mean,
+                                                         recipe.logit_std, device=device, generator=generator)
+    else:
+        raise ValueError(f"unknown timestep sampling {recipe.timestep_sampling!r}; one of {TIMESTEP_SAMPLINGS}")
+    return (fraction * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma, for the scheduler's prediction type."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
