@@ -292,6 +292,16 @@ class TrainConfig:
         None, "Min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 recommended: each sample's loss times "
         "min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction), as diffusers' scripts. Unset: "
         "every timestep counts equally, as the paper.")
+    consistency_loss_weight: float = option(
+        0.0, "Weight of ControlNet++'s consistency reward (0: off): the condition re-extracted, with gradients, from "
+        "the one-step image of lightly noised samples, against the condition given. For the conditions with a "
+        "differentiable extractor (canny, scribble, softedge, lineart, grayscale). Costs a VAE decode with backward "
+        "for those samples.")
+    consistency_max_timestep: int = option(
+        200, "Only samples at timesteps up to this take part in the consistency reward (ControlNet++: 200 of 1000).")
+    consistency_condition: str | None = option(
+        None, "The condition the consistency reward re-extracts (default: --condition). For Fill-style outlines: "
+        "canny.")
     use_ema: bool = option(
         False, "Keep an exponential moving average of the ControlNet's weights; validation samples it and output_dir "
         "gets it at the end (the trained weights go to output_dir/without_ema; checkpoints hold both). Its decay "
@@ -361,6 +371,8 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--proportion_empty_prompts {cfg.proportion_empty_prompts}: must be between 0 and 1")
     if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
         raise UserError(f"--snr_gamma {cfg.snr_gamma}: must be positive (5.0 is the paper's), or unset for none")
+    if cfg.consistency_loss_weight < 0:
+        raise UserError(f"--consistency_loss_weight {cfg.consistency_loss_weight}: must be 0 (off) or positive")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise UserError(f"--ema_decay {cfg.ema_decay}: must be between 0 and 1 (e.g. 0.9999)")
     if cfg.logit_std <= 0:

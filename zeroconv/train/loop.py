@@ -36,10 +36,13 @@ def compute_loss(t, batch) -> torch.Tensor:
         pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompt_embeds, cond,
                               only_mid_control=t.cfg.only_mid_control)
     if weights is None:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    # --snr_gamma: each sample's mean squared error weighted by its noise level
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    return (per_sample * weights).mean()
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+    else:  # --snr_gamma: each sample's mean squared error weighted by its noise level
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        loss = (per_sample * weights).mean()
+    if t.consistency is not None:  # --consistency_loss_weight: does the one-step image follow its condition?
+        loss = loss + t.consistency(t, noisy_latents, timesteps, pred, cond)
+    return loss
 
 
 def train_loop(t) -> int:

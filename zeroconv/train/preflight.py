@@ -93,6 +93,10 @@ def preflight(cfg: TrainConfig) -> Checked:
         get_extractor(cfg.condition)  # unknown names fail here, before any model loads
     if cfg.validation_metric:
         get_metric(cfg.validation_metric)
+    if cfg.consistency_loss_weight > 0:
+        from zeroconv.data.conditions.differentiable import check_differentiable
+
+        check_differentiable(cfg.consistency_condition or cfg.condition)
     examples = open_examples(cfg)
     check_output_dir(cfg.output_dir)
     check_optional_packages(cfg)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from diffusers import ControlNetModel, SchedulerMixin
     from tqdm.auto import tqdm
 
+    from zeroconv.train.consistency import ConsistencyReward
     from zeroconv.train.ema import ControlNetEMA
 
 logger = logging.getLogger("zeroconv.train")
@@ -50,6 +51,7 @@ class TrainingRun:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     trainable_params: list[torch.nn.Parameter]
     ema: ControlNetEMA | None
+    consistency: ConsistencyReward | None
     generator: torch.Generator
     state: TrainerState
     batches: Iterator[dict]

@@ -241,6 +241,13 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     else:
         controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
+    consistency = None
+    if cfg.consistency_loss_weight > 0:
+        from zeroconv.data.conditions.differentiable import check_differentiable
+        from zeroconv.train.consistency import ConsistencyReward
+
+        consistency = ConsistencyReward(check_differentiable(cfg.consistency_condition or cfg.condition),
+                                        cfg.consistency_loss_weight, cfg.consistency_max_timestep)
     ema = None
     if cfg.use_ema:  # from the starting weights; a resume overwrites it with the checkpoint's average
         from zeroconv.train.ema import ControlNetEMA
@@ -290,7 +297,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
                 noise_scheduler=base.noise_scheduler, noise_recipe=NoiseRecipe(
                     cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.snr_gamma), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                trainable_params=controlnet_params + decoder_params, ema=ema, generator=generator, state=state,
+                trainable_params=controlnet_params + decoder_params, ema=ema, consistency=consistency, generator=generator, state=state,
                 batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
                 validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,
                 progress=progress)

@@ -102,6 +102,19 @@ class StableDiffusion:
             return noisy, timesteps, scheduler.get_velocity(latents, noise, timesteps), weights
         return noisy, timesteps, noise, weights
 
+    def predicted_clean(self, scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor):
+        """The one-step estimate of the clean latents from the prediction at `timesteps` (with gradients)."""
+        alpha_bar = scheduler.alphas_cumprod.to(noisy.device, torch.float32)[timesteps].view(-1, 1, 1, 1)
+        if scheduler.config.prediction_type == "v_prediction":
+            return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * pred
+        return (noisy - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()
+
+    def decode_latents(self, base: Base, latents: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] in [0, 1] from latents, through the frozen VAE decoder (with gradients)."""
+        vae = base.vae
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
     def denoise(self, unet, controlnet, noisy, timesteps, prompt_embeds, condition, only_mid_control: bool = False):
         """The frozen UNet's prediction with the ControlNet's residuals (all 13, or the middle one alone)."""
         from zeroconv.models.controlnet import predict_noise
