@@ -59,3 +59,16 @@ def test_accepts_every_flag_of_diffusers_train_controlnet():
     known = {opt for action in parser._actions for opt in action.option_strings}
     missing = [flag for flag in DIFFUSERS_FLAGS if f"--{flag}" not in known]
     assert not missing
+
+
+def test_optional_number_accepts_none_to_turn_an_option_off(capsys):
+    import pytest
+
+    from zeroconv.config import TrainConfig, parse
+
+    assert parse(TrainConfig, ["--snr_gamma", "5"], prog="zeroconv train").snr_gamma == 5.0
+    assert parse(TrainConfig, ["--snr_gamma", "none"], prog="zeroconv train").snr_gamma is None
+    assert parse(TrainConfig, ["--max_train_steps", "None"], prog="zeroconv train").max_train_steps is None
+    with pytest.raises(SystemExit):
+        parse(TrainConfig, ["--snr_gamma", "five"], prog="zeroconv train")
+    assert "invalid float value: 'five'" in capsys.readouterr().err

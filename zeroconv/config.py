@@ -90,6 +90,9 @@ def build_parser(cls, prog: str, description: str = "", positional: tuple[str, .
         elif origin is list:
             (item_tp,) = typing.get_args(tp) or (str,)
             kwargs.update(type=item_tp, nargs="+")
+        elif tp in (int, float) and _optional:  # `--snr_gamma none` turns an option off that is on by default
+            kwargs["type"] = lambda text, tp=tp: None if text.strip().lower() in ("none", "null") else tp(text)
+            kwargs["type"].__name__ = tp.__name__  # argparse names the type in its error message
         elif tp in (int, float, str):
             kwargs["type"] = tp
         else:
