@@ -242,9 +242,20 @@ class TrainConfig:
     conditioning_image_column: str = option("conditioning_image", "Dataset column holding the conditioning image.")
     caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
     max_train_samples: int | None = option(None, "Use only the first N examples (debugging, quick runs).")
-    resolution: int = option(512, "Training resolution: shorter side resized to it, then center-cropped square. "
-                             "Must be divisible by 8.")
+    resolution: int = option(512, "Training resolution: shorter side resized to it, then cropped square (centered; "
+                             "see --random_crop). Must be divisible by 8.")
     random_flip: bool = option(False, "Randomly flip image and condition horizontally together.")
+    random_crop: bool = option(
+        False, "Crop the R x R square at a random place of the resized image (the same for image and condition, new "
+        "every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
+        "--cache: the cache stores one crop.")
+    crops_coords_top_left_h: int | None = option(
+        None, "SDXL: tell the model this crop top (pixels) instead of the crop applied, as diffusers' "
+        "train_controlnet_sdxl.py (0 there: 'not cropped', which SDXL answers with centered subjects). Unset: the "
+        "data's true crop offset. The pixels are cropped as before either way; other families ignore it.")
+    crops_coords_top_left_w: int | None = option(
+        None, "SDXL: tell the model this crop left (pixels) instead of the crop applied; see "
+        "--crops_coords_top_left_h.")
     proportion_empty_prompts: float = option(
         0.0, "Fraction of captions replaced by '' during training, as in diffusers' script. The paper's 0.5 teaches "
         "the ControlNet to read the condition without a prompt (guess mode, conditions that carry the content); "
@@ -345,6 +356,12 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--proportion_empty_prompts {cfg.proportion_empty_prompts}: must be between 0 and 1")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
+    if cfg.random_crop and cfg.cache != "off":
+        raise UserError(f"--random_crop with --cache {cfg.cache}: the cache stores one crop of each image, a random "
+                        "crop moves every epoch; use --cache off, or drop --random_crop")
+    for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 0:
+            raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (pixels from the top/left edge)")
     if cfg.conditioning_channels not in (1, 3, 4):
         raise UserError(f"--conditioning_channels {cfg.conditioning_channels}: must be 1, 3 or 4")
     pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)

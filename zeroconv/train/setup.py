@@ -55,7 +55,8 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
         from zeroconv.data.conditions import get_extractor
 
         condition_fn = get_extractor(cfg.condition, seed=seed)
-    return ControlNetDataset(examples, PairedTransform(cfg.resolution, cfg.conditioning_channels), seed=seed,
+    transform = PairedTransform(cfg.resolution, cfg.conditioning_channels, random_crop=cfg.random_crop)
+    return ControlNetDataset(examples, transform, seed=seed,
                              random_flip=cfg.random_flip, strict_data=cfg.strict_data, condition_fn=condition_fn)
 
 
@@ -64,6 +65,12 @@ def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base
 
     return load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
                      cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype)
+
+
+def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
+    """The frozen encoders and the dtype each runs in: `dtype`, except a VAE its family keeps in float32."""
+    return {**{module: dtype for module in base.family.frozen_encoders(base)},
+            base.vae: base.family.vae_dtype(base, dtype)}
 
 
 def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
@@ -75,8 +82,10 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
     identity = cache.cache_identity(
         dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base),
         cfg.tokenizer_name, cfg.condition, dtype)
-    for module in base.family.frozen_encoders(base):
+    for module, module_dtype in frozen_dtypes(base, dtype).items():
         module.to(device)
+        if module.dtype != module_dtype:  # `zeroconv cache` loads all in `dtype`; diffusers warns on every cast
+            module.to(dtype=module_dtype)
     encoders = cache.Encoders(base.vae, lambda captions: base.family.encode_prompts(base, captions, device),
                               base.family.prompt_shape(base), device, dtype, cfg.train_batch_size)
     return cache.open_or_build(cfg.latent_cache_dir or cache.default_cache_root(), identity, dataset, encoders,
@@ -212,8 +221,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
             p.requires_grad_(True)
         unet.train()
     # frozen weights in the training dtype; trained ones keep fp32 master weights
-    frozen_dtype = {unet: torch.float32 if decoder_params else dtype,
-                    **{module: dtype for module in family.frozen_encoders(base)}}
+    frozen_dtype = {unet: torch.float32 if decoder_params else dtype, **frozen_dtypes(base, dtype)}
     for module, module_dtype in frozen_dtype.items():
         module.to(accelerator.device)
         if module_dtype != torch.float32:
@@ -261,7 +269,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
 
         cache = latent_cache(cfg, dataset, base, accelerator.device, dtype)
         # the VAE and text encoder end up on the CPU, off the training device, until validation borrows them
-        encoders = CachedEncoders(cache.empty_embed, base, accelerator.device, dtype)
+        encoders = CachedEncoders(cache.empty_prompts, base, accelerator.device, dtype)
         dataset, collate = CachedDataset(cache, dataset), CachedDataset.collate
     batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
