@@ -200,8 +200,8 @@ CONDITION_ENCODER_INITS = ("paper", "unit_variance")
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
-        None, "Base SD 1.x/2.x model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or 'toy' for "
-        "the toy base shipped with zeroconv. Required.")
+        None, "Base SD 1.x/2.x or SDXL model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
+        "'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
     revision: str | None = option(None, "Revision (branch, tag or commit) of the base model on the hub.")
@@ -245,6 +245,10 @@ class TrainConfig:
     resolution: int = option(512, "Training resolution: shorter side resized to it, then cropped square (centered; "
                              "see --random_crop). Must be divisible by 8.")
     random_flip: bool = option(False, "Randomly flip image and condition horizontally together.")
+    image_interpolation_mode: str = option(
+        "bilinear", "Filter that resizes image and condition to --resolution (diffusers' SDXL scripts' names; PIL's "
+        "filters). 'nearest' keeps a condition's exact values (label maps, masks).",
+        choices=["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"])
     random_crop: bool = option(
         False, "Crop the R x R square at a random place of the resized image (the same for image and condition, new "
         "every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
@@ -300,6 +304,9 @@ class TrainConfig:
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact).")
     enable_xformers_memory_efficient_attention: bool = option(
         False, "Use xformers attention; without xformers (or on CPU) zeroconv warns and uses PyTorch SDPA.")
+    enable_npu_flash_attention: bool = option(
+        False, "Flash attention on Ascend NPUs (torch_npu), as diffusers' script; elsewhere zeroconv warns and "
+        "ignores it.")
     set_grads_to_none: bool = option(False, "Free gradients between steps instead of zeroing them (saves memory).")
     compile: bool = option(False, "torch.compile the ControlNet (slow first steps, faster after); falls back to "
                            "eager with a warning where compilation fails.")

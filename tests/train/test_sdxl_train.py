@@ -153,3 +153,45 @@ def test_sample_uses_the_sdxl_controlnet_pipeline(tiny_sdxl_base, tmp_path):
     images = sorted((tmp_path / "samples").glob("*.png"))
     assert len(images) == 1 and Image.open(images[0]).size == (64, 64)
     assert np.asarray(Image.open(images[0])).std() > 0  # an image, not a blank
+
+
+def test_blog_command_trains_an_sdxl_controlnet(tiny_sdxl_base, tmp_path, monkeypatch):
+    import shlex
+
+    from tests.train.test_blog_command import BLOG_COMMAND, make_face_dataset
+    from zeroconv.config import TrainConfig, parse
+
+    dataset = make_face_dataset(tmp_path / "facesynthetics")
+    for i in (1, 2, 3):
+        Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(tmp_path / f"face_landmarks{i}.jpeg")
+    monkeypatch.chdir(tmp_path)
+    # the blog's flags as written, at 128 px instead of 512 (the tiny base's cost, not its code paths)
+    args = shlex.split(BLOG_COMMAND.format(base=tiny_sdxl_base, dataset=dataset)) + ["--resolution=128",
+                                                                                      "--report_to=none"]
+    cfg = parse(TrainConfig, args, prog="zeroconv train")
+    assert run_training(cfg) == 0
+    out = tmp_path / "model_out"
+    assert json.loads((out / "config.json").read_text())["addition_embed_type"] == "text_time"
+    assert len(losses(out)) == 3  # 4 samples, batch 4, 3 epochs
+    grids = sorted((out / "validation").glob("*.png"))
+    assert grids and np.asarray(Image.open(grids[-1])).std() > 0
+
+
+def test_npu_flash_attention_is_warned_about_and_ignored_off_an_npu(tiny_sdxl_base, tiny_dataset, tmp_path, caplog):
+    from zeroconv.train.setup import enable_npu_flash_attention
+
+    cfg = tiny_config(tiny_sdxl_base, tiny_dataset, tmp_path, enable_npu_flash_attention=True)
+    with caplog.at_level("WARNING", logger="zeroconv.train"):
+        enable_npu_flash_attention(cfg, unet=None, controlnet=None)  # touching them would raise
+    assert "--enable_npu_flash_attention: no Ascend NPU" in caplog.text
+
+
+def test_all_black_validation_samples_are_reported_with_the_fix(caplog):
+    from zeroconv.train.validate import warn_blank
+
+    black, grey = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (90, 90, 90))
+    with caplog.at_level("WARNING", logger="zeroconv.validate"):
+        assert warn_blank([[grey, grey]], 5) == 0
+        assert caplog.text == ""
+        assert warn_blank([[black, grey], [black, black]], 10) == 3
+    assert "step 10: 3 of 4 samples are all black" in caplog.text and "--mixed_precision bf16" in caplog.text

@@ -89,6 +89,7 @@ def cache_identity(dataset, base: dict, tokenizer_name: str | None, condition: s
         "tokenizer_name": tokenizer_name,
         "resolution": dataset.transform.resolution,
         "conditioning_channels": dataset.transform.conditioning_channels,
+        "interpolation": dataset.transform.interpolation,
         "condition": condition,  # decides which samples are unreadable
         "random_flip": bool(dataset.random_flip),
         "dtype": str(weight_dtype),

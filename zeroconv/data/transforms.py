@@ -18,6 +18,10 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 CONDITION_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# --image_interpolation_mode: torchvision's InterpolationMode names (diffusers' SDXL scripts) -> PIL's filters
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
+                  "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -133,9 +137,12 @@ class Crop:
 
 
 class PairedTransform:
-    def __init__(self, resolution: int, conditioning_channels: int = 3, random_crop: bool = False):
+    def __init__(self, resolution: int, conditioning_channels: int = 3, random_crop: bool = False,
+                 interpolation: str = "bilinear"):
         if conditioning_channels not in CONDITION_MODES:
             raise ValueError(f"conditioning_channels must be 1, 3 or 4, got {conditioning_channels}")
+        self.resample = INTERPOLATIONS[interpolation]
+        self.interpolation = interpolation
         self.resolution = resolution
         self.conditioning_channels = conditioning_channels
         self.random_crop = random_crop
@@ -157,8 +164,7 @@ class PairedTransform:
     def fit(self, image: Image.Image, centering: tuple[float, float] = CENTER) -> Image.Image:
         """Shorter side to R, crop R x R at `centering`, in one resample (no-op when already R x R)."""
         size = (self.resolution, self.resolution)
-        return image if image.size == size else ImageOps.fit(image, size, Image.Resampling.BILINEAR,
-                                                              centering=centering)
+        return image if image.size == size else ImageOps.fit(image, size, self.resample, centering=centering)
 
     def fit_image(self, image: Image.Image, centering: tuple[float, float] = CENTER) -> Image.Image:
         """The target image as trained on, before flip: upright RGB, R x R (what a condition extractor sees)."""
@@ -174,8 +180,9 @@ class PairedTransform:
         return to_tensor(image, -1.0, 1.0), to_tensor(condition)
 
 
-def load_condition(path: str | Path, resolution: int, channels: int) -> torch.Tensor:
+def load_condition(path: str | Path, resolution: int, channels: int, interpolation: str = "bilinear") -> torch.Tensor:
     """A conditioning image as the ControlNet sees it in training: [1, C, R, R] in [0, 1]."""
     with Image.open(path) as image:
-        condition = PairedTransform(resolution, channels).fit(to_condition_mode(image, channels))
+        condition = PairedTransform(resolution, channels, interpolation=interpolation).fit(
+            to_condition_mode(image, channels))
     return to_tensor(condition).unsqueeze(0)

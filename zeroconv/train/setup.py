@@ -55,7 +55,8 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
         from zeroconv.data.conditions import get_extractor
 
         condition_fn = get_extractor(cfg.condition, seed=seed)
-    transform = PairedTransform(cfg.resolution, cfg.conditioning_channels, random_crop=cfg.random_crop)
+    transform = PairedTransform(cfg.resolution, cfg.conditioning_channels, random_crop=cfg.random_crop,
+                                interpolation=cfg.image_interpolation_mode)
     return ControlNetDataset(examples, transform, seed=seed,
                              random_flip=cfg.random_flip, strict_data=cfg.strict_data, condition_fn=condition_fn)
 
@@ -109,6 +110,19 @@ def enable_memory_efficient_attention(cfg: TrainConfig, unet, controlnet) -> Non
         return
     unet.enable_xformers_memory_efficient_attention()
     controlnet.enable_xformers_memory_efficient_attention()
+
+
+def enable_npu_flash_attention(cfg: TrainConfig, unet, controlnet) -> None:
+    if not cfg.enable_npu_flash_attention:
+        return
+    from diffusers.utils import is_torch_npu_available
+
+    if not is_torch_npu_available():
+        logger.warning("--enable_npu_flash_attention: no Ascend NPU (torch_npu) here; ignored, using PyTorch's "
+                       "scaled dot product attention")
+        return
+    unet.enable_npu_flash_attention()
+    controlnet.enable_npu_flash_attention()
 
 
 def compile_controlnet(controlnet) -> None:
@@ -206,6 +220,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init)
     controlnet.train()
     enable_memory_efficient_attention(cfg, base.unet, controlnet)
+    enable_npu_flash_attention(cfg, base.unet, controlnet)
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         base.unet.enable_gradient_checkpointing()
