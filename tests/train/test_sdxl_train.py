@@ -172,7 +172,8 @@ def test_blog_command_trains_an_sdxl_controlnet(tiny_sdxl_base, tmp_path, monkey
     assert run_training(cfg) == 0
     out = tmp_path / "model_out"
     assert json.loads((out / "config.json").read_text())["addition_embed_type"] == "text_time"
-    assert len(losses(out)) == 3  # 4 samples, batch 4, 3 epochs
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 3  # 4 samples, batch 4, 3 epochs
+    assert np.isfinite(list(losses(out).values())).all()
     grids = sorted((out / "validation").glob("*.png"))
     assert grids and np.asarray(Image.open(grids[-1])).std() > 0
 
@@ -195,3 +196,12 @@ def test_all_black_validation_samples_are_reported_with_the_fix(caplog):
         assert caplog.text == ""
         assert warn_blank([[black, grey], [black, black]], 10) == 3
     assert "step 10: 3 of 4 samples are all black" in caplog.text and "--mixed_precision bf16" in caplog.text
+
+
+def test_random_crop_with_a_cache_is_refused_naming_both_flags(tiny_sdxl_base, tiny_dataset, tmp_path):
+    from zeroconv.config import check_train_config
+    from zeroconv.errors import UserError
+
+    with pytest.raises(UserError, match=r"--random_crop with --cache auto.*--cache off"):
+        check_train_config(tiny_config(tiny_sdxl_base, tiny_dataset, tmp_path, random_crop=True, cache="auto"))
+    check_train_config(tiny_config(tiny_sdxl_base, tiny_dataset, tmp_path, random_crop=True))  # live: fine
