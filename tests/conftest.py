@@ -28,6 +28,13 @@ def tiny_base_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_base(tmp_path_factory):
+    from zeroconv.testing import make_tiny_sdxl_base
+
+    return make_tiny_sdxl_base(tmp_path_factory.mktemp("tiny_sdxl_base"))
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from zeroconv.testing import make_image_dataset
 

@@ -194,7 +194,7 @@ def instrument(t, clock: StepClock, flops: dict) -> None:
             yield batch
 
     t.batches = timed_batches()
-    for name in ("latents", "prompt_embeds"):
+    for name in ("latents", "prompts"):
         fn = getattr(t.encoders, name)
 
         def counted(*args, _fn=fn, **kwargs):

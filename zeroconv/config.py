@@ -203,8 +203,8 @@ CONDITION_ENCODER_INITS = ("paper", "unit_variance")
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
-        None, "Base SD 1.x/2.x model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or 'toy' for "
-        "the toy base shipped with zeroconv. Required.")
+        None, "Base SD 1.x/2.x or SDXL model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
+        "'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
     revision: str | None = option(None, "Revision (branch, tag or commit) of the base model on the hub.")
@@ -245,9 +245,24 @@ class TrainConfig:
     conditioning_image_column: str = option("conditioning_image", "Dataset column holding the conditioning image.")
     caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
     max_train_samples: int | None = option(None, "Use only the first N examples (debugging, quick runs).")
-    resolution: int = option(512, "Training resolution: shorter side resized to it, then center-cropped square. "
-                             "Must be divisible by 8.")
+    resolution: int = option(512, "Training resolution: shorter side resized to it, then cropped square (centered; "
+                             "see --random_crop). Must be divisible by 8.")
     random_flip: bool = option(False, "Randomly flip image and condition horizontally together.")
+    image_interpolation_mode: str = option(
+        "bilinear", "Filter that resizes image and condition to --resolution (diffusers' SDXL scripts' names; PIL's "
+        "filters). 'nearest' keeps a condition's exact values (label maps, masks).",
+        choices=["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"])
+    random_crop: bool = option(
+        False, "Crop the R x R square at a random place of the resized image (the same for image and condition, new "
+        "every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
+        "--cache: the cache stores one crop.")
+    crops_coords_top_left_h: int | None = option(
+        None, "SDXL: tell the model this crop top (pixels) instead of the crop applied, as diffusers' "
+        "train_controlnet_sdxl.py (0 there: 'not cropped', which SDXL answers with centered subjects). Unset: the "
+        "data's true crop offset. The pixels are cropped as before either way; other families ignore it.")
+    crops_coords_top_left_w: int | None = option(
+        None, "SDXL: tell the model this crop left (pixels) instead of the crop applied; see "
+        "--crops_coords_top_left_h.")
     proportion_empty_prompts: float = option(
         0.0, "Fraction of captions replaced by '' during training, as in diffusers' script. The paper's 0.5 teaches "
         "the ControlNet to read the condition without a prompt (guess mode, conditions that carry the content); "
@@ -318,6 +333,9 @@ class TrainConfig:
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact).")
     enable_xformers_memory_efficient_attention: bool = option(
         False, "Use xformers attention; without xformers (or on CPU) zeroconv warns and uses PyTorch SDPA.")
+    enable_npu_flash_attention: bool = option(
+        False, "Flash attention on Ascend NPUs (torch_npu), as diffusers' script; elsewhere zeroconv warns and "
+        "ignores it.")
     set_grads_to_none: bool = option(False, "Free gradients between steps instead of zeroing them (saves memory).")
     compile: bool = option(False, "torch.compile the ControlNet (slow first steps, faster after); falls back to "
                            "eager with a warning where compilation fails.")
@@ -382,6 +400,12 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--logit_std {cfg.logit_std}: must be positive")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
+    if cfg.random_crop and cfg.cache != "off":
+        raise UserError(f"--random_crop with --cache {cfg.cache}: the cache stores one crop of each image, a random "
+                        "crop moves every epoch; use --cache off, or drop --random_crop")
+    for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 0:
+            raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (pixels from the top/left edge)")
     if cfg.conditioning_channels not in (1, 3, 4):
         raise UserError(f"--conditioning_channels {cfg.conditioning_channels}: must be 1, 3 or 4")
     pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)

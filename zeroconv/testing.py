@@ -2,7 +2,8 @@
 
 `make_tiny_base(dir, prediction_type="epsilon"|"v_prediction", flavor="sd15"|"sd21")` writes
 unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json; StableDiffusionPipeline
-.from_pretrained(dir) loads it. The shapes follow SD (4 latent channels, VAE downsampling 8x, cross
+.from_pretrained(dir) loads it. `make_tiny_sdxl_base(dir)` writes an SDXL one (two text encoders and
+tokenizers, a "text_time" UNet) that StableDiffusionXLPipeline loads. The shapes follow SD (4 latent channels, VAE downsampling 8x, cross
 attention on a CLIP text encoder), only narrow: the code paths are SD's, the cost is not.
 """
 
@@ -106,6 +107,69 @@ def make_tiny_base(out_dir: str | Path, prediction_type: str = "epsilon", flavor
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_sdxl_unet(sample_size: int = 8):
+    """SDXL's UNet shape, narrow: "text_time" add-embedding of 6 size/crop ids (8 channels each) plus the second
+    text encoder's 32-wide pooled embedding, cross-attention on both encoders' 32 + 32 channels, and SDXL's deeper
+    transformer stacks on the coarser level (transformer_layers_per_block 1, 2), as diffusers' own SDXL tests."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+
+
+def tiny_text_encoder_2(vocab_size: int, bos: int, eos: int):
+    """The second text encoder: a CLIPTextModelWithProjection, whose projected embedding SDXL pools."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = tiny_text_encoder(vocab_size, bos, eos).config
+    return CLIPTextModelWithProjection(CLIPTextConfig(**{**config.to_dict(), "projection_dim": 32}))
+
+
+def make_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a complete tiny SDXL base (diffusers layout: tokenizer(_2), text_encoder(_2), vae, unet, scheduler)
+    to `out_dir`; StableDiffusionXLPipeline and StableDiffusionXLControlNetPipeline load it offline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from zeroconv.models.tokenizer import write_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(out_dir / "tokenizer", TINY_WORDS)
+    tokenizer_2 = write_clip_tokenizer(out_dir / "tokenizer_2", TINY_WORDS)
+    ids = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # SDXL ships an Euler scheduler with SD's betas and "leading" spacing
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),  # force_upcast true, as SDXL's VAE
+        text_encoder=tiny_text_encoder(*ids),
+        text_encoder_2=tiny_text_encoder_2(*ids),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=tiny_sdxl_unet(),
+        scheduler=scheduler,
+        add_watermarker=False,
     )
     pipe.save_pretrained(out_dir)
     return out_dir

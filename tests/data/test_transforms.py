@@ -104,3 +104,13 @@ def test_exif_orientation_is_applied_to_both(tmp_path):
     assert torch.equal(pixels, expected_pixels) and torch.equal(cond, expected_cond)
     unturned, _ = transform(image, image, flip=False)
     assert not torch.equal(pixels, unturned)
+
+
+def test_image_interpolation_mode_nearest_keeps_a_conditions_values():
+    rng = np.random.default_rng(0)
+    labels = Image.fromarray((rng.integers(0, 2, (20, 30)) * 255).astype(np.uint8), "L")
+    image = Image.new("RGB", (30, 20))
+    _, nearest = PairedTransform(16, 1, interpolation="nearest")(image, labels)
+    _, bilinear = PairedTransform(16, 1)(image, labels)
+    assert set(nearest.unique().tolist()) == {0.0, 1.0}
+    assert len(bilinear.unique()) > 2  # the default blends neighbours: the flag does change the filter

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "zeroconv"
 
 def test_sd_base_folder_is_the_sd_family(tiny_base):
     assert detect(str(tiny_base)).name == "sd"
-    assert get_family("sd").name == "sd" and list(FAMILIES) == ["sd"]
+    assert get_family("sd").name == "sd" and list(FAMILIES) == ["sd", "sdxl"]
 
 
 def test_folder_without_model_index_is_read_from_its_unet_config(tmp_path):
@@ -25,6 +25,9 @@ def test_folder_without_model_index_is_read_from_its_unet_config(tmp_path):
     assert detect(str(tmp_path)).name == "sd"
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
                                                                "addition_embed_type": "text_time"}))
+    assert detect(str(tmp_path)).name == "sdxl"
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                               "addition_embed_type": "image"}))
     with pytest.raises(UserError, match=r"--pretrained_model_name_or_path .*UNet2DConditionModel"):
         detect(str(tmp_path))
 

@@ -69,12 +69,15 @@ def test_reward_gradient_reaches_only_the_controlnet_and_only_light_samples(tiny
 
     t = _trainer(tiny_base, tiny_dataset, tmp_path)
     batch = collate([t.dataset[i] for i in range(2)])
+    from zeroconv.train.inputs import micro_conditioning
+
     cond = batch["conditioning_pixel_values"]
-    embeds = t.encoders.prompt_embeds(batch)
+    prompts = t.encoders.prompts(batch)
+    micro = micro_conditioning(batch, (None, None))
     for timestep, expect_grad in ((900, False), (150, True)):
         t.optimizer.zero_grad(set_to_none=True)
         _, _, timesteps, noisy = _noisy(t, batch, timestep)
-        pred = t.base.family.denoise(t.unet, t.controlnet, noisy, timesteps, embeds, cond)
+        pred = t.base.family.denoise(t.unet, t.controlnet, noisy, timesteps, prompts, cond, micro)
         reward = t.consistency(t, noisy, timesteps, pred, cond)
         if not expect_grad:
             assert float(reward) == 0 and not reward.requires_grad  # above the threshold: no term at all

@@ -3,8 +3,9 @@
 For a locked base these numbers are the same every epoch, so `zeroconv cache` (or `zeroconv train --cache auto`)
 stores per sample the VAE posterior's mean and std (and those of the flipped image with --random_flip), the
 condition at training resolution as uint8 (not with --condition: extractors draw new random choices every epoch,
-so those conditions are still computed per step), and per distinct caption the text encoder's hidden states (and the
-empty prompt's). Training then draws a fresh latent from (mean, std) with the same generator calls as the live
+so those conditions are still computed per step), its size and crop (SDXL's micro-conditioning), and per distinct
+caption what the family's prompt encoder returns (a dict of tensors: SD's hidden states; SDXL's two encoders'
+hidden states and pooled embedding), and the empty prompt's. Training then draws a fresh latent from (mean, std) with the same generator calls as the live
 VAE path, and picks flips and captions with ControlNetDataset's per-(seed, epoch, index) draws: a seeded run
 feeds the UNet the same noisy latents with or without the cache.
 
@@ -37,10 +38,12 @@ from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.cache")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: prompt encodings as a dict of named tensors, per-sample size_and_crop
 # Bump when PairedTransform's geometry or conversions change: old caches then stop matching.
 TRANSFORM_VERSION = "fit-bilinear-center-crop/flip-after-fit/image[-1,1]/condition-uint8/v1"
 SHARD_BYTES = 256 * 2**20
+# The frozen parts whose configs and files decide what the encoders make (the second text encoder: SDXL's).
+BASE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def default_cache_root() -> Path:
@@ -61,14 +64,16 @@ def base_identity(location: str, revision: str | None, base) -> dict:
     configs and weight files."""
     path = Path(location)
     identity: dict = {"name": str(path.resolve()) if path.exists() else location, "revision": revision}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in BASE_PARTS:
+        if getattr(base, part, None) is None:
+            continue
         config = getattr(base, part).config
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         identity[f"{part}_config"] = {k: v for k, v in config.items() if not k.startswith("_")}
     if path.is_file():
         identity["files"] = [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
     elif path.is_dir():
-        identity["files"] = {part: file_stats(path / part) for part in ("unet", "vae", "text_encoder", "tokenizer")
+        identity["files"] = {part: file_stats(path / part) for part in (*BASE_PARTS, "tokenizer", "tokenizer_2")
                              if (path / part).is_dir()}
     return json.loads(json.dumps(identity, default=str))
 
@@ -84,6 +89,7 @@ def cache_identity(dataset, base: dict, tokenizer_name: str | None, condition: s
         "tokenizer_name": tokenizer_name,
         "resolution": dataset.transform.resolution,
         "conditioning_channels": dataset.transform.conditioning_channels,
+        "interpolation": dataset.transform.interpolation,
         "condition": condition,  # decides which samples are unreadable
         "random_flip": bool(dataset.random_flip),
         "dtype": str(weight_dtype),
@@ -141,24 +147,26 @@ class LatentCache:
     def readable(self, index: int) -> bool:
         return index not in self.unreadable
 
-    def sample(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(posterior mean, posterior std, condition uint8 or None when computed by --condition) of sample
-        `index`, flipped or not."""
+    def sample(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(posterior mean, posterior std, condition uint8 or None when computed by --condition, size_and_crop) of
+        sample `index`, flipped or not."""
         file, row = f"shard-{index // self.samples_per_shard:05d}.safetensors", index % self.samples_per_shard
         suffix = "_flipped" if flip else ""
         condition = self.tensor(file, "condition", row) if self.manifest["conditions"] else None
         if condition is not None and flip:
             condition = condition.flip(-1)
-        return self.tensor(file, "mean" + suffix, row), self.tensor(file, "std" + suffix, row), condition
+        return (self.tensor(file, "mean" + suffix, row), self.tensor(file, "std" + suffix, row), condition,
+                self.tensor(file, "size_and_crop" + suffix, row))
 
-    def caption_embed(self, caption: str) -> torch.Tensor:
+    def prompts(self, caption: str) -> dict[str, torch.Tensor]:
         index = self.caption_ids[caption]
-        return self.tensor(f"captions-{index // self.captions_per_shard:05d}.safetensors", "embeds",
-                           index % self.captions_per_shard)
+        file = f"captions-{index // self.captions_per_shard:05d}.safetensors"
+        return {name: self.tensor(file, name, index % self.captions_per_shard) for name in self.manifest["prompts"]}
 
     @property
-    def empty_embed(self) -> torch.Tensor:
-        return self.tensor("empty.safetensors", "embeds", 0)
+    def empty_prompts(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's encodings, [1, ...] each (what caption dropout puts in)."""
+        return {name: self.tensor("empty.safetensors", name, 0)[None] for name in self.manifest["prompts"]}
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -179,12 +187,12 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         from zeroconv.data.dataset import BadSample, pick_caption
 
-        flip, caption_draw = self.source.draws(index)
+        flip, caption_draw, _ = self.source.draws(index)  # a random crop is refused with a cache
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
             if not self.cache.readable(j):
                 continue
-            mean, std, condition = self.cache.sample(j, flip)
+            mean, std, condition, size_and_crop = self.cache.sample(j, flip)
             if condition is None:  # --condition: extracted per (seed, epoch, sample) as the live path does
                 try:
                     condition = self.source.load(self.source.examples[j], flip, j)[1]
@@ -194,15 +202,16 @@ class CachedDataset(torch.utils.data.Dataset):
                 condition = condition_to_float(condition)
             caption = pick_caption(self.source.examples[j].caption, caption_draw)
             return {"latent_mean": mean, "latent_std": std, "conditioning_pixel_values": condition,
-                    "prompt_embeds": self.cache.caption_embed(caption), "caption": caption, "index": j,
-                    "skipped": skipped}
+                    "size_and_crop": size_and_crop, "prompts": self.cache.prompts(caption), "caption": caption,
+                    "index": j, "skipped": skipped}
         raise UserError(f"none of the {len(self)} training samples could be read; check the dataset's image files")
 
     @staticmethod
     def collate(batch: list[dict]) -> dict:
         stacked = {key: torch.stack([item[key] for item in batch])
-                   for key in ("latent_mean", "latent_std", "conditioning_pixel_values", "prompt_embeds")}
-        return {**stacked, "caption": [item["caption"] for item in batch],
+                   for key in ("latent_mean", "latent_std", "conditioning_pixel_values", "size_and_crop")}
+        prompts = {name: torch.stack([item["prompts"][name] for item in batch]) for name in batch[0]["prompts"]}
+        return {**stacked, "prompts": prompts, "caption": [item["caption"] for item in batch],
                 "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
                 "skipped": sum(item["skipped"] for item in batch)}
 
@@ -227,19 +236,22 @@ class RawSamples(torch.utils.data.Dataset):
 
         index = self.indices[i]
         try:
-            pixels, condition = self.dataset.load(self.dataset.examples[index], False, index)
+            pixels, condition, crop = self.dataset.load(self.dataset.examples[index], False, index)
+            size_and_crop = [crop.size_and_crop(False), crop.size_and_crop(True)]
             bad = None
         except BadSample as exc:
             pixels = torch.zeros(3, self.resolution, self.resolution)
             condition, bad = torch.zeros(self.channels, self.resolution, self.resolution), (exc.label, exc.reason)
+            size_and_crop = [(0, 0, 0, 0)] * 2
         return {"index": index, "pixels": pixels, "condition": condition.mul(255).round_().to(torch.uint8),
-                "bad": bad}
+                "size_and_crop": torch.tensor(size_and_crop), "bad": bad}
 
 
 def collate_raw(batch: list[dict]) -> dict:
     return {"index": [item["index"] for item in batch], "bad": [item["bad"] for item in batch],
             "pixels": torch.stack([item["pixels"] for item in batch]),
-            "condition": torch.stack([item["condition"] for item in batch])}
+            "condition": torch.stack([item["condition"] for item in batch]),
+            "size_and_crop": torch.stack([item["size_and_crop"] for item in batch])}
 
 
 @dataclass
@@ -249,9 +261,9 @@ class Encoders:
     Build at the training batch size: CPU kernels split work by batch size, so only then are the cached numbers
     bit-identical to the live VAE's (on GPU they agree to rounding)."""
 
-    vae: object
-    encode_prompts: Callable[[list[str]], torch.Tensor]  # the base family's prompt encoder, on `device`
-    prompt_shape: tuple[int, ...]  # of one caption's embedding, which sizes the caption shards
+    vae: object  # in the dtype the family runs it in (SDXL's stays float32 under fp16)
+    encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]]  # the base family's prompt encoder, on `device`
+    prompt_shape: dict[str, tuple[int, ...]]  # of one caption's encodings, which sizes the caption shards
     device: torch.device
     dtype: torch.dtype
     batch_size: int
@@ -260,17 +272,18 @@ class Encoders:
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means, stds = [], []
         for chunk in pixels.split(self.batch_size):
-            dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            dist = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
             means.append(dist.mean.cpu())
             stds.append(dist.std.cpu())
         return torch.cat(means), torch.cat(stds)
 
     @torch.no_grad()
-    def prompts(self, captions: list[str]) -> torch.Tensor:
-        out = []
+    def prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, list] = {}
         for start in range(0, len(captions), self.batch_size):
-            out.append(self.encode_prompts(captions[start:start + self.batch_size]).to(self.dtype).cpu())
-        return torch.cat(out)
+            for name, value in self.encode_prompts(captions[start:start + self.batch_size]).items():
+                out.setdefault(name, []).append(value.to(self.dtype).cpu())
+        return {name: torch.cat(values) for name, values in out.items()}
 
 
 def save_atomic(tensors: dict, path: Path) -> None:
@@ -306,6 +319,8 @@ def build_shard(path: Path, dataset, indices: range, encoders: Encoders, flipped
             parts.setdefault("std_flipped", []).append(std)
         if dataset.condition_fn is None:  # an extractor's random choices change every epoch: not cached
             parts.setdefault("condition", []).append(batch["condition"])
+        parts.setdefault("size_and_crop", []).append(batch["size_and_crop"][:, 0])
+        parts.setdefault("size_and_crop_flipped", []).append(batch["size_and_crop"][:, 1])
         progress.update(len(batch["index"]))
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     tensors["unreadable"] = torch.tensor(unreadable + [-1], dtype=torch.long)  # -1: safetensors has no empty
@@ -335,7 +350,7 @@ def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders,
     r = dataset.transform.resolution
     latent_channels = encoders.vae.config.latent_channels
     scale = 2 ** (len(encoders.vae.config.block_out_channels) - 1)
-    latent_bytes = latent_channels * (r // scale) ** 2 * torch.finfo(encoders.dtype).bits // 8
+    latent_bytes = latent_channels * (r // scale) ** 2 * torch.finfo(encoders.vae.dtype).bits // 8
     per_shard = shard_size(dataset, flipped, encoders.batch_size, latent_bytes)
     shards = [range(start, min(start + per_shard, n)) for start in range(0, n, per_shard)]
     mine = [s for s in range(len(shards)) if s % state.num_processes == state.process_index]
@@ -357,6 +372,7 @@ def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders,
         captions = json.loads((partial / "captions.json").read_text())
         manifest = {"identity": identity, "key": cache_key(identity), "num_samples": n, "samples_per_shard": per_shard,
                     "captions_per_shard": captions["per_shard"], "captions": captions["captions"],
+                    "prompts": captions["prompts"],
                     "flipped": flipped, "conditions": dataset.condition_fn is None, "unreadable": sorted(unreadable), "dtype": str(encoders.dtype)}
         (partial / "manifest.json").write_text(json.dumps(manifest))
         if folder.exists():  # an incomplete or foreign leftover under the same name
@@ -367,15 +383,15 @@ def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders,
 
 
 def write_captions(folder: Path, dataset, encoders: Encoders) -> None:
-    """Every distinct caption's hidden states (first-seen order) and the empty prompt's, sharded."""
+    """Every distinct caption's encodings (first-seen order) and the empty prompt's, sharded."""
     captions = list(dict.fromkeys(c for i in range(len(dataset.examples))
                                   for c in as_list(dataset.examples[i].caption)))
-    per_shard = max(1, SHARD_BYTES // (math.prod(encoders.prompt_shape) * 4))
+    per_shard = max(1, SHARD_BYTES // (sum(math.prod(shape) for shape in encoders.prompt_shape.values()) * 4))
     for s, start in enumerate(range(0, len(captions), per_shard)):
-        save_atomic({"embeds": encoders.prompts(captions[start:start + per_shard])},
-                    folder / f"captions-{s:05d}.safetensors")
-    save_atomic({"embeds": encoders.prompts([""])}, folder / "empty.safetensors")
-    (folder / "captions.json").write_text(json.dumps({"per_shard": per_shard, "captions": captions}))
+        save_atomic(encoders.prompts(captions[start:start + per_shard]), folder / f"captions-{s:05d}.safetensors")
+    save_atomic(encoders.prompts([""]), folder / "empty.safetensors")
+    (folder / "captions.json").write_text(json.dumps({"per_shard": per_shard, "captions": captions,
+                                                      "prompts": sorted(encoders.prompt_shape)}))
 
 
 def as_list(caption: str | list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """The training Dataset: rows of `Examples` through a `PairedTransform`, with per-sample draws that resume exactly.
 
-The flip of sample i in epoch e, and which caption of a list it gets, come from a generator seeded by
-(seed, e, i): the same whatever the worker count, the batch order or where a run was resumed.
+The flip of sample i in epoch e, which caption of a list it gets and where a random crop lies come from a
+generator seeded by (seed, e, i): the same whatever the worker count, the batch order or where a run was resumed.
+Each item carries its "size_and_crop" (original height and width, crop top and left), SDXL's micro-conditioning.
 
 Bad data does not stop a run: an unreadable, truncated or empty file is replaced by the next readable index
 (i+1, i+2, ... wrapping), so every batch keeps its shape; one log line names the file and the reason, and the
@@ -22,7 +23,7 @@ from PIL import Image
 
 from zeroconv.data.conditions import BadInput
 from zeroconv.data.sources import Example, Examples, source_label
-from zeroconv.data.transforms import PairedTransform
+from zeroconv.data.transforms import Crop, PairedTransform, upright_size
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.data")
@@ -58,20 +59,22 @@ class ControlNetDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def draws(self, index: int) -> tuple[bool, float]:
-        """(flip, caption draw in [0, 1)) of sample `index` in the current epoch."""
+    def draws(self, index: int) -> tuple[bool, float, tuple[float, float]]:
+        """(flip, caption draw in [0, 1), crop draws (rows, columns) in [0, 1)) of sample `index` in the current
+        epoch. The crop draws come after the first two, which stay what they were before there was a crop."""
         rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index])
-        flip_draw, caption_draw = rng.random(2)
-        return bool(self.random_flip and flip_draw < 0.5), float(caption_draw)
+        flip_draw, caption_draw, crop_rows, crop_columns = rng.random(4)
+        crop_draw = (float(crop_rows), float(crop_columns))
+        return bool(self.random_flip and flip_draw < 0.5), float(caption_draw), crop_draw
 
     def __getitem__(self, index: int) -> dict:
-        flip, caption_draw = self.draws(index)
+        flip, caption_draw, crop_draw = self.draws(index)
         first_failure = None
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
             example = self.examples[j]
             try:
-                pixel_values, conditioning_pixel_values = self.load(example, flip, j)
+                pixel_values, conditioning_pixel_values, crop = self.load(example, flip, j, crop_draw)
             except BadSample as bad:
                 if self.strict_data:
                     raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
@@ -82,17 +85,21 @@ class ControlNetDataset(torch.utils.data.Dataset):
                 first_failure = first_failure or bad
                 continue
             return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning_pixel_values,
+                    "size_and_crop": torch.tensor(crop.size_and_crop(flip)),
                     "caption": pick_caption(example.caption, caption_draw), "index": j, "skipped": skipped}
         raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
                         "check the dataset's image files")
 
-    def load(self, example: Example, flip: bool, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, example: Example, flip: bool, index: int, crop_draw: tuple[float, float] = (0.5, 0.5)
+             ) -> tuple[torch.Tensor, torch.Tensor, Crop]:
+        """(image in [-1, 1], condition in [0, 1], where the crop lies)."""
         try:
             image = example.open_image()
         except DATA_ERRORS as exc:
             raise BadSample(source_label(example.image) or f"{example.name} image", describe(exc)) from exc
+        crop = self.transform.crop(upright_size(image), crop_draw)
         if self.condition_fn is not None:
-            image = self.transform.fit_image(image)
+            image = self.transform.fit_image(image, crop.centering)
             # the extractor's random choices (thresholds, stroke widths) are drawn per (seed, epoch, sample) like
             # the flip, so they too survive resume and do not depend on the worker count
             rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index, 1])
@@ -108,7 +115,7 @@ class ControlNetDataset(torch.utils.data.Dataset):
                 label = source_label(example.conditioning_image) or f"{example.name} conditioning image"
                 raise BadSample(label, describe(exc)) from exc
         try:
-            return self.transform(image, condition, flip)
+            return (*self.transform(image, condition, flip, crop.centering), crop)
         except DATA_ERRORS as exc:  # modes PIL cannot convert, images too small to crop
             raise BadSample(example.name, describe(exc)) from exc
 
@@ -123,6 +130,7 @@ def collate(batch: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in batch]),
+        "size_and_crop": torch.stack([item["size_and_crop"] for item in batch]),
         "caption": [item["caption"] for item in batch],
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
         "skipped": sum(item["skipped"] for item in batch),

@@ -1,13 +1,16 @@
 """Image and condition to tensors, with one geometry for both: the pixels of a condition stay on its image's.
 
 `PairedTransform(R, C)(image, condition, flip)` converts the image to RGB and the condition to L/RGB/RGBA,
-resizes the shorter side to R and center-crops R x R (one resample through `ImageOps.fit`, bilinear like
-diffusers' script), flips both when asked, and returns float32 tensors: the image in [-1, 1] as the VAE wants
-it, the condition in [0, 1] as the ControlNet reads it. PIL and numpy only: it runs per sample per step.
+resizes the shorter side to R and crops R x R (one resample through `ImageOps.fit`, bilinear like diffusers'
+script; centered, or where `crop()` put it with random_crop), flips both when asked, and returns float32
+tensors: the image in [-1, 1] as the VAE wants it, the condition in [0, 1] as the ControlNet reads it.
+`crop()` also says what SDXL's size conditioning reads: the original size and the crop's top-left corner in the
+resized image. PIL and numpy only: it runs per sample per step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,10 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 CONDITION_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# --image_interpolation_mode: torchvision's InterpolationMode names (diffusers' SDXL scripts) -> PIL's filters
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
+                  "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
@@ -100,33 +107,82 @@ def to_tensor(image: Image.Image, low: float = 0.0, high: float = 1.0) -> torch.
     return chw.to(torch.float32).mul_((high - low) / 255.0).add_(low)
 
 
+CENTER = (0.5, 0.5)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied, without applying it."""
+    width, height = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where one sample's R x R crop lies: `centering` as ImageOps.fit takes it (fractions of the free space),
+    the original (height, width) and the crop's (top, left) in the image resized to shorter side R, unflipped."""
+
+    centering: tuple[float, float]
+    original_size: tuple[int, int]
+    top_left: tuple[int, int]
+    free: tuple[float, float]  # (rows, columns) of the resized image outside the crop
+
+    def size_and_crop(self, flip: bool) -> tuple[int, int, int, int]:
+        """(original h, w, crop top, left) as SDXL's micro-conditioning reads it: a flipped sample's crop is
+        counted from the left edge of the flipped image, as diffusers' SDXL scripts flip before cropping."""
+        top, left = self.top_left
+        if flip:
+            left = int(round(self.free[1])) - left
+        return (*self.original_size, top, left)
+
+
 class PairedTransform:
-    def __init__(self, resolution: int, conditioning_channels: int = 3):
+    def __init__(self, resolution: int, conditioning_channels: int = 3, random_crop: bool = False,
+                 interpolation: str = "bilinear"):
         if conditioning_channels not in CONDITION_MODES:
             raise ValueError(f"conditioning_channels must be 1, 3 or 4, got {conditioning_channels}")
+        self.resample = INTERPOLATIONS[interpolation]
+        self.interpolation = interpolation
         self.resolution = resolution
         self.conditioning_channels = conditioning_channels
+        self.random_crop = random_crop
 
-    def fit(self, image: Image.Image) -> Image.Image:
-        """Shorter side to R, center crop R x R, in one resample (no-op when already R x R)."""
+    def crop(self, size: tuple[int, int], draw: tuple[float, float] = CENTER) -> Crop:
+        """The crop of an upright image of `size` (width, height): centered, or with random_crop at a whole-pixel
+        offset of the resized image picked by `draw` (two uniforms in [0, 1), rows then columns)."""
+        width, height = size
+        scale = self.resolution / min(width, height)
+        free = (max(height * scale - self.resolution, 0.0), max(width * scale - self.resolution, 0.0))
+        if not self.random_crop:
+            return Crop(CENTER, (height, width), (int(round(free[0] / 2)), int(round(free[1] / 2))), free)
+        # whole pixels of the resized image, so the offset SDXL is told is the one applied
+        offsets = [min(int(u * (int(f) + 1)), int(f)) for u, f in zip(draw, free)]
+        # ImageOps.fit takes (x, y) centering
+        centering = tuple(o / f if f > 0 else 0.5 for o, f in zip(reversed(offsets), reversed(free)))
+        return Crop(centering, (height, width), (offsets[0], offsets[1]), free)
+
+    def fit(self, image: Image.Image, centering: tuple[float, float] = CENTER) -> Image.Image:
+        """Shorter side to R, crop R x R at `centering`, in one resample (no-op when already R x R)."""
         size = (self.resolution, self.resolution)
-        return image if image.size == size else ImageOps.fit(image, size, Image.Resampling.BILINEAR)
+        return image if image.size == size else ImageOps.fit(image, size, self.resample, centering=centering)
 
-    def fit_image(self, image: Image.Image) -> Image.Image:
+    def fit_image(self, image: Image.Image, centering: tuple[float, float] = CENTER) -> Image.Image:
         """The target image as trained on, before flip: upright RGB, R x R (what a condition extractor sees)."""
-        return self.fit(to_rgb(image))
+        return self.fit(to_rgb(image), centering)
 
-    def __call__(self, image: Image.Image, condition: Image.Image, flip: bool = False):
-        image = self.fit_image(image)
-        condition = self.fit(to_condition_mode(condition, self.conditioning_channels))
+    def __call__(self, image: Image.Image, condition: Image.Image, flip: bool = False,
+                 centering: tuple[float, float] = CENTER):
+        image = self.fit_image(image, centering)
+        condition = self.fit(to_condition_mode(condition, self.conditioning_channels), centering)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             condition = condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image, -1.0, 1.0), to_tensor(condition)
 
 
-def load_condition(path: str | Path, resolution: int, channels: int) -> torch.Tensor:
+def load_condition(path: str | Path, resolution: int, channels: int, interpolation: str = "bilinear") -> torch.Tensor:
     """A conditioning image as the ControlNet sees it in training: [1, C, R, R] in [0, 1]."""
     with Image.open(path) as image:
-        condition = PairedTransform(resolution, channels).fit(to_condition_mode(image, channels))
+        condition = PairedTransform(resolution, channels, interpolation=interpolation).fit(
+            to_condition_mode(image, channels))
     return to_tensor(condition).unsqueeze(0)

@@ -20,7 +20,7 @@ def load_base(name: str, revision: str | None = None, variant: str | None = None
     family = detect(location, name, revision=revision, cache_dir=cache_dir)
     base = family.load_base(location, name, revision=revision, variant=variant, cache_dir=cache_dir,
                             tokenizer_name=tokenizer_name, dtype=dtype)
-    for module in (base.text_encoder, base.vae, base.unet):
+    for module in (*family.frozen_encoders(base), base.unet):
         module.requires_grad_(False)
         module.eval()
     return base

@@ -57,13 +57,15 @@ def init_condition_encoder_unit_variance(embedding) -> None:
 
 
 def predict_noise(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, controlnet_cond,
-                  only_mid_control: bool = False):
-    """The base UNet's prediction with the ControlNet's residuals added (all 13, or only the middle one)."""
+                  only_mid_control: bool = False, added_cond_kwargs: dict | None = None):
+    """The base UNet's prediction with the ControlNet's residuals added (all 13, or only the middle one).
+    `added_cond_kwargs` (SDXL's pooled text embedding and size/crop time ids) go to both networks."""
     down_residuals, mid_residual = controlnet(
         noisy_latents,
         timesteps,
         encoder_hidden_states=encoder_hidden_states,
         controlnet_cond=controlnet_cond,
+        added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
     if only_mid_control:
@@ -71,10 +73,13 @@ def predict_noise(unet, controlnet, noisy_latents, timesteps, encoder_hidden_sta
         # convs then get no gradient and stay exactly zero, so the saved model behaves the same in any pipeline.
         down_residuals = [torch.zeros_like(r) for r in down_residuals]
     dtype = noisy_latents.dtype if unet.dtype == torch.float32 else unet.dtype
+    if added_cond_kwargs is not None:
+        added_cond_kwargs = {name: value.to(dtype) for name, value in added_cond_kwargs.items()}
     return unet(
         noisy_latents.to(dtype),
         timesteps,
         encoder_hidden_states=encoder_hidden_states.to(dtype),
+        added_cond_kwargs=added_cond_kwargs,
         down_block_additional_residuals=[r.to(dtype) for r in down_residuals],
         mid_block_additional_residual=mid_residual.to(dtype),
         return_dict=False,

@@ -21,6 +21,8 @@ class Base:
     unet: object
     noise_scheduler: object  # DDPM, for training; sampling builds its own from the same config
     family: Family
+    tokenizer_2: object = None  # SDXL's second text encoder (OpenCLIP ViT-bigG) and its tokenizer
+    text_encoder_2: object = None
 
     @property
     def vae_scale_factor(self) -> int:

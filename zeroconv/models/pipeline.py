@@ -42,16 +42,22 @@ def load_controlnet(path: str, dtype=None):
     return ControlNetModel.from_pretrained(str(folder) if folder.exists() else path, torch_dtype=dtype)
 
 
+def make_scheduler(base, scheduler: str = "unipc"):
+    """The sampling scheduler `scheduler` (a SCHEDULERS name) made from the base's own noise schedule."""
+    import diffusers
+
+    class_name, options = SCHEDULERS[scheduler]
+    return getattr(diffusers, class_name).from_config(base.noise_scheduler.config, **options)
+
+
 def build_pipeline(base, controlnet=None, *, unet=None, scheduler: str = "unipc"):
     """A StableDiffusionControlNetPipeline of `base` and `controlnet` (a StableDiffusionPipeline of the base alone
     when `controlnet` is None) sampling with `scheduler`, progress bar off. `unet` replaces base.unet (training
     with --sd_locked false samples its live UNet). The modules are used as they are: no copy, no cast."""
     import diffusers
 
-    class_name, options = SCHEDULERS[scheduler]
     modules = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                   unet=unet if unet is not None else base.unet,
-                   scheduler=getattr(diffusers, class_name).from_config(base.noise_scheduler.config, **options),
+                   unet=unet if unet is not None else base.unet, scheduler=make_scheduler(base, scheduler),
                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if controlnet is None:
         pipe = diffusers.StableDiffusionPipeline(**modules)

@@ -1,7 +1,8 @@
-"""From a batch to the UNet's inputs: latents drawn from the VAE posterior, caption embeddings with dropout.
+"""From a batch to the denoiser's inputs: latents drawn from the VAE posterior, the prompt encodings (the
+family's dict of tensors) with caption dropout, and the size-and-crop micro-conditioning.
 
-Two sources give the same numbers: `LiveEncoders` runs the frozen VAE and text encoder on every batch;
-a latent cache (zeroconv.data.cache) stores the posterior's mean and std and the embeddings once, and draws
+Two sources give the same numbers: `LiveEncoders` runs the frozen VAE and text encoders on every batch;
+a latent cache (zeroconv.data.cache) stores the posterior's mean and std and the encodings once, and draws
 the latent sample with the same generator calls, so a seeded run is the same with or without the cache.
 """
 
@@ -22,14 +23,31 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
     return latents * scaling_factor
 
 
-def drop_captions(embeds: torch.Tensor, empty_embed: torch.Tensor, proportion: float,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Replace a random `proportion` of caption embeddings by the empty prompt's, without a host sync."""
+def drop_captions(prompts: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], proportion: float,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Replace a random `proportion` of captions' encodings (every tensor of the dict, with one draw a sample) by
+    the empty prompt's, without a host sync."""
     if proportion <= 0:
-        return embeds
-    keep = torch.rand(embeds.shape[0], generator=generator, device=generator.device) >= proportion
-    keep = keep.to(embeds.device).view(-1, *([1] * (embeds.dim() - 1)))
-    return torch.where(keep, embeds, empty_embed.to(embeds.dtype).expand_as(embeds))
+        return prompts
+    size = next(iter(prompts.values())).shape[0]
+    keep = torch.rand(size, generator=generator, device=generator.device) >= proportion
+    out = {}
+    for name, value in prompts.items():
+        mask = keep.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+        out[name] = torch.where(mask, value, empty[name].to(value.device, value.dtype).expand_as(value))
+    return out
+
+
+def micro_conditioning(batch: dict, crop_top_left: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
+    """Per sample (original h, w, crop top, left, target h, target w) as float32 [N, 6]: SDXL's add_time_ids
+    (families that do not read it ignore it). The target is the condition's size, the training resolution.
+    `crop_top_left` (--crops_coords_top_left_h/_w) replaces the crop the data had, where given."""
+    size_and_crop = batch["size_and_crop"].to(torch.float32).clone()
+    for column, fixed in zip((2, 3), crop_top_left):
+        if fixed is not None:
+            size_and_crop[:, column] = fixed
+    target = torch.tensor(batch["conditioning_pixel_values"].shape[-2:], dtype=torch.float32)
+    return torch.cat([size_and_crop, target.expand(len(size_and_crop), 2)], dim=1)
 
 
 class LiveEncoders:
@@ -38,32 +56,34 @@ class LiveEncoders:
     def __init__(self, base, device, weight_dtype):
         self.base, self.vae = base, base.vae
         self.device, self.weight_dtype = device, weight_dtype
-        self.empty_embed = self.encode_prompts([""])  # constant: the text encoder is frozen
+        self.empty_prompts = self.encode_prompts([""])  # constant: the text encoders are frozen
 
     @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        return self.base.family.encode_prompts(self.base, captions, self.device).to(self.weight_dtype)
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.base.family.encode_prompts(self.base, captions, self.device)
+        return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(self.device, self.weight_dtype, non_blocking=True)
+        # the VAE's own dtype: a family may keep it in float32 under mixed precision (SDXL's force_upcast)
+        pixels = batch["pixel_values"].to(self.device, self.vae.dtype, non_blocking=True)
         posterior = self.vae.encode(pixels).latent_dist
         config = self.vae.config
         return sample_latents(posterior.mean, posterior.std, generator, config.scaling_factor,
                               getattr(config, "shift_factor", None))
 
-    def prompt_embeds(self, batch: dict) -> torch.Tensor:
+    def prompts(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.encode_prompts(batch["caption"])
 
 
 class CachedEncoders:
     """Reads a latent cache's (zeroconv.data.cache) batches: draws the latent from the stored posterior mean and
-    std with LiveEncoders' generator calls, and takes the stored caption embeddings. The VAE and text encoder
+    std with LiveEncoders' generator calls, and takes the stored prompt encodings. The VAE and text encoders
     wait on the CPU, off the training device; validation borrows them (TrainingRun.encoders_to_device)."""
 
-    def __init__(self, empty_embed: torch.Tensor, base, device, weight_dtype):
+    def __init__(self, empty_prompts: dict[str, torch.Tensor], base, device, weight_dtype):
         self.base, self.device = base, device
-        self.empty_embed = empty_embed.to(device, weight_dtype)
+        self.empty_prompts = {name: value.to(device, weight_dtype) for name, value in empty_prompts.items()}
         config = base.vae.config
         self.scaling_factor, self.shift_factor = config.scaling_factor, getattr(config, "shift_factor", None)
         self.release()
@@ -73,8 +93,8 @@ class CachedEncoders:
         std = batch["latent_std"].to(self.device, non_blocking=True)
         return sample_latents(mean, std, generator, self.scaling_factor, self.shift_factor)
 
-    def prompt_embeds(self, batch: dict) -> torch.Tensor:
-        return batch["prompt_embeds"].to(self.device, non_blocking=True)
+    def prompts(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {name: value.to(self.device, non_blocking=True) for name, value in batch["prompts"].items()}
 
     def release(self) -> None:
         """Back to the CPU after validation: the training device keeps only what the step uses."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroconv.errors import EXIT_NONFINITE, EXIT_OK
-from zeroconv.train.inputs import drop_captions
+from zeroconv.train.inputs import drop_captions, micro_conditioning
 
 logger = logging.getLogger("zeroconv.train")
 
@@ -27,13 +27,13 @@ def compute_loss(t, batch) -> torch.Tensor:
     latents = t.encoders.latents(batch, t.generator).float()
     noisy_latents, timesteps, target, weights = family.noisy_batch(t.noise_scheduler, latents, t.generator,
                                                                    t.noise_recipe)
-    prompt_embeds = t.encoders.prompt_embeds(batch)
     # --proportion_empty_prompts (default 0, as diffusers; the paper's 0.5) teaches reading the condition alone.
-    prompt_embeds = drop_captions(prompt_embeds, t.encoders.empty_embed, t.cfg.proportion_empty_prompts,
-                                    t.generator)
+    prompts = drop_captions(t.encoders.prompts(batch), t.encoders.empty_prompts, t.cfg.proportion_empty_prompts,
+                            t.generator)
+    micro = micro_conditioning(batch, (t.cfg.crops_coords_top_left_h, t.cfg.crops_coords_top_left_w))
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
     with t.accelerator.autocast():
-        pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompt_embeds, cond,
+        pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, cond, micro.to(t.device),
                               only_mid_control=t.cfg.only_mid_control)
     if weights is None:
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")

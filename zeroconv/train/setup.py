@@ -56,7 +56,9 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
         from zeroconv.data.conditions import get_extractor
 
         condition_fn = get_extractor(cfg.condition, seed=seed)
-    return ControlNetDataset(examples, PairedTransform(cfg.resolution, cfg.conditioning_channels), seed=seed,
+    transform = PairedTransform(cfg.resolution, cfg.conditioning_channels, random_crop=cfg.random_crop,
+                                interpolation=cfg.image_interpolation_mode)
+    return ControlNetDataset(examples, transform, seed=seed,
                              random_flip=cfg.random_flip, strict_data=cfg.strict_data, condition_fn=condition_fn)
 
 
@@ -65,6 +67,12 @@ def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base
 
     return load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
                      cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype)
+
+
+def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
+    """The frozen encoders and the dtype each runs in: `dtype`, except a VAE its family keeps in float32."""
+    return {**{module: dtype for module in base.family.frozen_encoders(base)},
+            base.vae: base.family.vae_dtype(base, dtype)}
 
 
 def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
@@ -76,8 +84,10 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
     identity = cache.cache_identity(
         dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base),
         cfg.tokenizer_name, cfg.condition, dtype)
-    for module in base.family.frozen_encoders(base):
+    for module, module_dtype in frozen_dtypes(base, dtype).items():
         module.to(device)
+        if module.dtype != module_dtype:  # `zeroconv cache` loads all in `dtype`; diffusers warns on every cast
+            module.to(dtype=module_dtype)
     encoders = cache.Encoders(base.vae, lambda captions: base.family.encode_prompts(base, captions, device),
                               base.family.prompt_shape(base), device, dtype, cfg.train_batch_size)
     return cache.open_or_build(cfg.latent_cache_dir or cache.default_cache_root(), identity, dataset, encoders,
@@ -101,6 +111,19 @@ def enable_memory_efficient_attention(cfg: TrainConfig, unet, controlnet) -> Non
         return
     unet.enable_xformers_memory_efficient_attention()
     controlnet.enable_xformers_memory_efficient_attention()
+
+
+def enable_npu_flash_attention(cfg: TrainConfig, unet, controlnet) -> None:
+    if not cfg.enable_npu_flash_attention:
+        return
+    from diffusers.utils import is_torch_npu_available
+
+    if not is_torch_npu_available():
+        logger.warning("--enable_npu_flash_attention: no Ascend NPU (torch_npu) here; ignored, using PyTorch's "
+                       "scaled dot product attention")
+        return
+    unet.enable_npu_flash_attention()
+    controlnet.enable_npu_flash_attention()
 
 
 def compile_controlnet(controlnet) -> None:
@@ -198,6 +221,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init)
     controlnet.train()
     enable_memory_efficient_attention(cfg, base.unet, controlnet)
+    enable_npu_flash_attention(cfg, base.unet, controlnet)
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         base.unet.enable_gradient_checkpointing()
@@ -213,8 +237,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
             p.requires_grad_(True)
         unet.train()
     # frozen weights in the training dtype; trained ones keep fp32 master weights
-    frozen_dtype = {unet: torch.float32 if decoder_params else dtype,
-                    **{module: dtype for module in family.frozen_encoders(base)}}
+    frozen_dtype = {unet: torch.float32 if decoder_params else dtype, **frozen_dtypes(base, dtype)}
     for module, module_dtype in frozen_dtype.items():
         module.to(accelerator.device)
         if module_dtype != torch.float32:
@@ -274,7 +297,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
 
         cache = latent_cache(cfg, dataset, base, accelerator.device, dtype)
         # the VAE and text encoder end up on the CPU, off the training device, until validation borrows them
-        encoders = CachedEncoders(cache.empty_embed, base, accelerator.device, dtype)
+        encoders = CachedEncoders(cache.empty_prompts, base, accelerator.device, dtype)
         dataset, collate = CachedDataset(cache, dataset), CachedDataset.collate
     batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,

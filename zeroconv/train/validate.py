@@ -41,6 +41,17 @@ def generate(pipe, pairs_with_conditions, num_images: int, seed: int, steps: int
     return results
 
 
+def warn_blank(samples: list[list[Image.Image]], step: int) -> int:
+    """Log the all-black samples (what NaN latents decode to); returns how many there were."""
+    blank = sum(1 for images in samples for image in images if not np.asarray(image).any())
+    if blank:
+        logger.warning("validation at step %d: %d of %d samples are all black, which is what NaN values decode to "
+                       "(half precision overflowing, often in the VAE: SDXL's VAE needs float32, or "
+                       "madebyollin/sdxl-vae-fp16-fix). Try --mixed_precision bf16 or no; if the loss is NaN too, "
+                       "lower --learning_rate", step, blank, sum(len(images) for images in samples))
+    return blank
+
+
 def run_validation(t, step: int) -> dict[str, float]:
     """Grid PNG + tracker image + controllability metrics for the current weights. Never raises."""
     try:
@@ -63,12 +74,13 @@ def _run_validation(t, step: int) -> dict[str, float]:
     # the live modules, in the dtypes training holds them in: nothing is copied or cast for a validation
     pipe = t.base.family.pipeline(t.base, controlnet, unet=unet)
     metrics: dict[str, float] = {}
-    pairs = [(load_condition(path, cfg.resolution, cfg.conditioning_channels), prompt)
+    pairs = [(load_condition(path, cfg.resolution, cfg.conditioning_channels, cfg.image_interpolation_mode), prompt)
              for path, prompt in t.validation_pairs]
     if pairs:
         seed = cfg.seed if cfg.seed is not None else 0
         samples = generate(pipe, pairs, cfg.num_validation_images, seed, cfg.validation_inference_steps,
                            cfg.validation_guidance_scale, t.device)
+        warn_blank(samples, step)
         rows = [(condition_to_rgb(cond), imgs, prompt) for (cond, prompt), imgs in zip(pairs, samples)]
         grid = make_grid(rows)
         out = Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png"

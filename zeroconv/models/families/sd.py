@@ -64,6 +64,9 @@ class StableDiffusion:
         device when a latent cache stands in for them."""
         return [base.vae, base.text_encoder]
 
+    def vae_dtype(self, base: Base, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
     # --- the ControlNet -------------------------------------------------------------------------------------
     def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper"):
         from zeroconv.models.controlnet import build_controlnet
@@ -76,14 +79,14 @@ class StableDiffusion:
         return ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
 
     # --- prompts (the latent cache stores what this returns, per distinct caption) --------------------------
-    def encode_prompts(self, base: Base, captions: list[str], device) -> torch.Tensor:
-        """The text encoder's last hidden states, [N, 77, hidden], in the text encoder's dtype."""
+    def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]:
+        """prompt_embeds: the text encoder's last hidden states, [N, 77, hidden], in the text encoder's dtype."""
         ids = base.tokenizer(captions, max_length=base.tokenizer.model_max_length, padding="max_length",
                              truncation=True, return_tensors="pt").input_ids
-        return base.text_encoder(ids.to(device), return_dict=False)[0]
+        return {"prompt_embeds": base.text_encoder(ids.to(device), return_dict=False)[0]}
 
-    def prompt_shape(self, base: Base) -> tuple[int, int]:
-        return base.tokenizer.model_max_length, base.text_encoder.config.hidden_size
+    def prompt_shape(self, base: Base) -> dict[str, tuple[int, ...]]:
+        return {"prompt_embeds": (base.tokenizer.model_max_length, base.text_encoder.config.hidden_size)}
 
     # --- one training step ----------------------------------------------------------------------------------
     def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator, recipe=None):
@@ -115,11 +118,13 @@ class StableDiffusion:
         images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
         return ((images.float() + 1) / 2).clamp(0, 1)
 
-    def denoise(self, unet, controlnet, noisy, timesteps, prompt_embeds, condition, only_mid_control: bool = False):
-        """The frozen UNet's prediction with the ControlNet's residuals (all 13, or the middle one alone)."""
+    def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
+                only_mid_control: bool = False):
+        """The frozen UNet's prediction with the ControlNet's residuals (all 13, or the middle one alone). SD has
+        no size conditioning: `micro` is not read."""
         from zeroconv.models.controlnet import predict_noise
 
-        return predict_noise(unet, controlnet, noisy, timesteps, prompt_embeds, condition,
+        return predict_noise(unet, controlnet, noisy, timesteps, prompts["prompt_embeds"], condition,
                              only_mid_control=only_mid_control)
 
     # --- sampling and export --------------------------------------------------------------------------------

@@ -1,0 +1,134 @@
+"""Stable Diffusion XL: two CLIP text encoders (the second with a projection: its pooled embedding), a UNet whose
+"text_time" add-embedding reads that pooled embedding and the size/crop micro-conditioning (add_time_ids), the
+same DDPM noise and targets as SD, diffusers' ControlNetModel.from_unet of that UNet, and
+StableDiffusionXLControlNetPipeline.
+
+What equals SD's (the noise, the decoder, the ControlNet's original key layout, which names the add-embedding
+label_emb.0.0/label_emb.0.2) is inherited from the SD family; what differs is here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zeroconv.errors import UserError
+from zeroconv.models.families.sd import StableDiffusion
+from zeroconv.models.parts import Base
+
+
+class StableDiffusionXL(StableDiffusion):
+    name = "sdxl"
+    label = "Stable Diffusion XL"
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline",
+                        "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+    # --- which bases are SDXL -------------------------------------------------------------------------------
+    def matches_unet_config(self, config: dict) -> bool:
+        return config.get("_class_name") == "UNet2DConditionModel" and config.get("addition_embed_type") == "text_time"
+
+    def matches_keys(self, keys: set[str]) -> bool:
+        from zeroconv.models import formats
+
+        has_unet = any(key.startswith(formats.UNET_PREFIX + "input_blocks.") for key in keys)
+        return has_unet and any(key.startswith("conditioner.embedders.") for key in keys)
+
+    # --- the frozen parts -----------------------------------------------------------------------------------
+    def load_base(self, location: str, name: str, revision: str | None = None, variant: str | None = None,
+                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None) -> Base:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        if Path(location).is_file():
+            return self.load_single_file(location, name, tokenizer_name, dtype)
+        common = dict(revision=revision, cache_dir=cache_dir)
+        weights = dict(variant=variant, torch_dtype=dtype, **common)
+
+        def tokenizer(subfolder: str):
+            return AutoTokenizer.from_pretrained(tokenizer_name or location, subfolder=None if tokenizer_name else
+                                                 subfolder, use_fast=False, **common)
+
+        return Base(
+            tokenizer=tokenizer("tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
+            vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **weights),
+            unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights),
+            # SDXL ships an Euler scheduler config; training reads its schedule as DDPM, like diffusers' script
+            noise_scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common),
+            family=self,
+            tokenizer_2=tokenizer("tokenizer_2"),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2",
+                                                                       **weights),
+        )
+
+    def load_single_file(self, location: str, name: str, config: str | None, dtype) -> Base:
+        """An original-layout SDXL file through diffusers' from_single_file. Offline it needs the configs of a
+        diffusers SDXL folder, given as --tokenizer_name (its tokenizers are used too)."""
+        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+        try:
+            pipe = StableDiffusionXLPipeline.from_single_file(location, config=config, torch_dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, HTTP errors here
+            raise UserError(f"--pretrained_model_name_or_path {name}: cannot read this SDXL single file "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); without the Hub, pass --tokenizer_name a "
+                            "diffusers SDXL folder (e.g. stabilityai/stable-diffusion-xl-base-1.0, downloaded) "
+                            "for its configs") from None
+        return Base(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
+                    DDPMScheduler.from_config(pipe.scheduler.config), family=self,
+                    tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
+
+    def frozen_encoders(self, base: Base) -> list:
+        return [base.vae, base.text_encoder, base.text_encoder_2]
+
+    def vae_dtype(self, base: Base, dtype: torch.dtype) -> torch.dtype:
+        # SDXL's VAE overflows in fp16 (force_upcast in its config, as its pipelines read it): encode in float32
+        return torch.float32 if base.vae.config.get("force_upcast", False) else dtype
+
+    # --- prompts --------------------------------------------------------------------------------------------
+    def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]:
+        """prompt_embeds: both encoders' penultimate hidden states, concatenated [N, 77, 768 + 1280];
+        pooled_prompt_embeds: the second encoder's projected embedding [N, 1280]. As diffusers' encode_prompt
+        (clip_skip None), in the text encoders' dtype."""
+        states = []
+        for tokenizer, text_encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+            ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                            return_tensors="pt").input_ids
+            out = text_encoder(ids.to(device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return {"prompt_embeds": torch.cat(states, dim=-1), "pooled_prompt_embeds": out.text_embeds}
+
+    def prompt_shape(self, base: Base) -> dict[str, tuple[int, ...]]:
+        width = base.text_encoder.config.hidden_size + base.text_encoder_2.config.hidden_size
+        return {"prompt_embeds": (base.tokenizer.model_max_length, width),
+                "pooled_prompt_embeds": (base.text_encoder_2.config.projection_dim,)}
+
+    # --- one training step ----------------------------------------------------------------------------------
+    def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
+                only_mid_control: bool = False):
+        """The frozen UNet's prediction with the ControlNet's residuals; both read the pooled embedding and the
+        add_time_ids (original h, w, crop top, left, target h, w) through added_cond_kwargs."""
+        from zeroconv.models.controlnet import predict_noise
+
+        added = {"text_embeds": prompts["pooled_prompt_embeds"], "time_ids": micro.to(noisy.device, noisy.dtype)}
+        return predict_noise(unet, controlnet, noisy, timesteps, prompts["prompt_embeds"], condition,
+                             only_mid_control=only_mid_control, added_cond_kwargs=added)
+
+    # --- sampling -------------------------------------------------------------------------------------------
+    def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"):
+        """StableDiffusionXLControlNetPipeline (StableDiffusionXLPipeline without a ControlNet), as
+        zeroconv.models.pipeline.build_pipeline builds SD's: the modules as they are, progress bar off."""
+        import diffusers
+
+        from zeroconv.models.pipeline import make_scheduler
+
+        modules = dict(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                       tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2,
+                       unet=unet if unet is not None else base.unet, scheduler=make_scheduler(base, scheduler),
+                       add_watermarker=False)  # the invisible watermark needs a package training does not
+        if controlnet is None:
+            pipe = diffusers.StableDiffusionXLPipeline(**modules)
+        else:
+            pipe = diffusers.StableDiffusionXLControlNetPipeline(controlnet=controlnet, **modules)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
