@@ -119,17 +119,27 @@ def resolved_config(flags: list[str]) -> dict:
     return config
 
 
+def same_run(recorded: dict, wanted: dict) -> bool:
+    """Equal settings. An option added to zeroconv after the run was made counts as equal when it is at its default
+    now: a new option starts out as the behaviour there was before it (a changed default shows as a changed value)."""
+    from zeroconv.config import TrainConfig, to_dict
+
+    defaults = to_dict(TrainConfig())
+    return (all(recorded[key] == wanted[key] for key in recorded.keys() & wanted.keys())
+            and all(wanted[key] == defaults[key] for key in wanted.keys() - recorded.keys()))
+
+
 def zeroconv_run_folder(work: Path, out: Path, flags: list[str], last_step: int) -> Path:
     """Where the zeroconv run of `flags` is: a finished folder of the work dir whose resolved config is the same
     (another label, e.g. a variant whose flag became the default, is the same run), else `out`. Each run records its
     resolved config in race_config.json, so a changed default never reuses a run made under the old one."""
     wanted = resolved_config(flags)
     for recorded in sorted(work.glob("*/race_config.json")):
-        if json.loads(recorded.read_text()) == wanted and \
+        if same_run(json.loads(recorded.read_text()), wanted) and \
                 (recorded.parent / f"checkpoint-{last_step}" / "controlnet" / "config.json").is_file():
             return recorded.parent
     recorded = json.loads((out / "race_config.json").read_text()) if (out / "race_config.json").is_file() else None
-    if recorded not in (None, wanted) or (recorded is None and any(out.glob("checkpoint-*"))):
+    if (recorded is not None and not same_run(recorded, wanted)) or (recorded is None and any(out.glob("checkpoint-*"))):
         raise SystemExit(f"{out} holds a zeroconv run of other settings (its race_config.json differs, or it has "
                          "none): move it away or use another --work")
     out.mkdir(parents=True, exist_ok=True)

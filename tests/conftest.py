@@ -10,6 +10,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+@pytest.fixture(scope="session", autouse=True)
+def private_latent_cache_root(tmp_path_factory):
+    """`zeroconv train` caches latents by default under $XDG_CACHE_HOME; tests keep theirs out of the home folder."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

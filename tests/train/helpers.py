@@ -13,6 +13,8 @@ def tiny_config(base, data, out, **overrides) -> TrainConfig:
         pretrained_model_name_or_path=str(base), train_data_dir=str(data), output_dir=str(out), resolution=64,
         train_batch_size=4, learning_rate=1e-4, lr_warmup_steps=0, seed=7, checkpointing_steps=1000,
         validation_steps=1000, report_to="none", logging_steps=1, max_train_steps=4,
+        # the live path: the textbook and step-by-step comparisons read its batches (cached runs set cache=)
+        cache="off",
     )
     values.update(overrides)
     return TrainConfig(**values)

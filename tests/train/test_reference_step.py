@@ -105,8 +105,10 @@ def test_zeroconv_step_equals_the_textbook_step(base_fixture, tiny_dataset, tmp_
         reference_loss = textbook_step(t.base, reference, optimizer, batch, generator, cfg.max_grad_norm)
         assert loss_log[k] == pytest.approx(reference_loss, rel=1e-6, abs=1e-9), f"loss of step {k + 1}"
         for (name, p), q in zip(reference.named_parameters(), ours[k]):
-            # fused AdamW (zeroconv on CPU) and the plain loop round the same update differently by an ulp
-            torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-6,
+            # fused AdamW (zeroconv on CPU) and the plain loop round the same update differently by an ulp; where a
+            # gradient is near AdamW's eps, lr * g / (|g| + eps) magnifies that to ~5e-6 on one thread. 2% of one
+            # step's lr is far below what any real difference in the step gives (a whole update, ~lr).
+            torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=0.02 * cfg.learning_rate,
                                        msg=lambda m, name=name, k=k: f"step {k + 1}, {name}: {m}")
     # the weights did move: equality is not the trivial one of two untouched copies
     first = t.accelerator.unwrap_model(t.controlnet).controlnet_down_blocks[0].weight

@@ -202,6 +202,6 @@ def test_random_crop_with_a_cache_is_refused_naming_both_flags(tiny_sdxl_base, t
     from zeroconv.config import check_train_config
     from zeroconv.errors import UserError
 
-    with pytest.raises(UserError, match=r"--random_crop with --cache auto.*--cache off"):
-        check_train_config(tiny_config(tiny_sdxl_base, tiny_dataset, tmp_path, random_crop=True, cache="auto"))
+    with pytest.raises(UserError, match=r"--random_crop with --cache on.*--cache off"):
+        check_train_config(tiny_config(tiny_sdxl_base, tiny_dataset, tmp_path, random_crop=True, cache="on"))
     check_train_config(tiny_config(tiny_sdxl_base, tiny_dataset, tmp_path, random_crop=True))  # live: fine

@@ -398,14 +398,54 @@ def as_list(caption: str | list[str]) -> list[str]:
     return [caption] if isinstance(caption, str) else (list(caption) or [""])
 
 
+class CacheUnavailable(Exception):
+    """The cache cannot be written here (no room, not writable); the message says why, in a few words."""
+
+
+def estimated_bytes(dataset, encoders: Encoders, flipped: bool) -> int:
+    """About what the cache of `dataset` takes on disk: every sample's latents and condition, every caption's
+    encodings (at most one a sample)."""
+    r = dataset.transform.resolution
+    scale = 2 ** (len(encoders.vae.config.block_out_channels) - 1)
+    latent_bytes = encoders.vae.config.latent_channels * (r // scale) ** 2 * torch.finfo(encoders.vae.dtype).bits // 8
+    condition_bytes = r * r * dataset.transform.conditioning_channels if dataset.condition_fn is None else 0
+    per_sample = condition_bytes + latent_bytes * (4 if flipped else 2)  # mean and std, and their mirror images
+    per_caption = sum(math.prod(shape) for shape in encoders.prompt_shape.values()) * torch.finfo(encoders.dtype).bits // 8
+    return len(dataset) * (per_sample + per_caption)
+
+
+def check_room(root: Path, needed: int) -> None:
+    """Raise CacheUnavailable unless `root` can be written and its disk has `needed` bytes and a margin free."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheUnavailable(f"{root} is not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(root).free
+    margin = max(needed // 10, 256 * 2**20)  # the run's checkpoints and logs need room too
+    if free < needed + margin:
+        raise CacheUnavailable(f"it needs about {needed / 2**20:,.0f} MiB and {root} has {free / 2**20:,.0f} MiB free")
+
+
 def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders, *, flipped: bool,
                   strict_data: bool = False, num_workers: int = 0) -> LatentCache:
-    """The cache for `identity` under `root`: reused when complete, else built (all processes take part)."""
+    """The cache for `identity` under `root`: reused when complete, else built (all processes take part).
+    CacheUnavailable when it cannot be built there (checked before the first write, and a write that fails
+    midway leaves nothing behind)."""
     folder = Path(root) / cache_key(identity)
     cache = LatentCache.open(folder, identity)
     if cache is not None:
         logger.info("latent cache: reusing %s", folder)
         return cache
-    logger.info("latent cache: building %s (%d samples)", folder, len(dataset))
-    return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,
-                       num_workers=num_workers)
+    needed = estimated_bytes(dataset, encoders, flipped)
+    check_room(Path(root), needed)
+    logger.info("latent cache: building %s (%d samples, about %s MiB)", folder, len(dataset),
+                f"{needed / 2**20:,.1f}")
+    try:
+        return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,
+                           num_workers=num_workers)
+    except OSError as exc:  # the disk filled up, or the folder went away: no half cache stays behind
+        shutil.rmtree(folder.with_name(folder.name + ".partial"), ignore_errors=True)
+        raise CacheUnavailable(f"writing it in {root} failed ({exc.strerror or exc})") from None

@@ -1,4 +1,5 @@
-"""`zeroconv cache`: build (or find) the latent cache that `zeroconv train --cache auto` with the same flags reads.
+"""`zeroconv cache`: build (or find) the latent cache that `zeroconv train` with the same flags reads
+(--cache auto, the default, or on).
 
 The dataset, base and dtype come from zeroconv.train.setup, the functions training builds its own with: the two
 commands cannot disagree about what the cache holds.
@@ -10,8 +11,8 @@ import logging
 import sys
 
 from zeroconv.config import TrainConfig, parse
-from zeroconv.data.cache import LatentCache
-from zeroconv.errors import EXIT_OK
+from zeroconv.data.cache import CacheUnavailable, LatentCache
+from zeroconv.errors import EXIT_OK, UserError
 
 logger = logging.getLogger("zeroconv.cache")
 
@@ -32,7 +33,10 @@ def build_for_training(cfg: TrainConfig) -> LatentCache:
     # loaded in the training dtype, as the encoders of `zeroconv train` hold it (a cast after loading makes
     # diffusers warn, and gives the same weights)
     base = load_frozen_base(cfg, dtype=dtype)
-    return latent_cache(cfg, dataset, base, accelerator.device, dtype)
+    try:
+        return latent_cache(cfg, dataset, base, accelerator.device, dtype)
+    except CacheUnavailable as why:
+        raise UserError(f"the latent cache cannot be built: {why}; pass --latent_cache_dir on a disk with room") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from zeroconv.config import TrainConfig, save_yaml, to_dict
 from zeroconv.data.cache import LatentCache
 from zeroconv.data.dataset import ControlNetDataset
 from zeroconv.data.sources import Examples
+from zeroconv.errors import UserError
 from zeroconv.models.base import Base
 from zeroconv.models.dtypes import resolve_mixed_precision, weight_dtype
 from zeroconv.models.noise import NoiseRecipe
@@ -93,6 +94,29 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
     return cache.open_or_build(cfg.latent_cache_dir or cache.default_cache_root(), identity, dataset, encoders,
                                flipped=cfg.random_flip, strict_data=cfg.strict_data,
                                num_workers=cfg.dataloader_num_workers)
+
+
+def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
+                 dtype: torch.dtype) -> LatentCache | None:
+    """The run's latent cache per --cache, or None to encode live. The default, auto, never stops a run: where a
+    cache cannot serve it, one line says why and training goes on uncached."""
+    from zeroconv.data.cache import CacheUnavailable
+
+    if cfg.cache == "off":
+        return None
+    if cfg.random_crop:  # only auto gets here (check_train_config refuses on/only)
+        logger.warning("--cache auto: off for this run, --random_crop moves the crop every epoch and a cache holds "
+                       "one; batches are encoded live")
+        return None
+    try:
+        return latent_cache(cfg, dataset, base, device, dtype)
+    except CacheUnavailable as why:
+        if cfg.cache != "auto":
+            raise UserError(f"--cache {cfg.cache}: the latent cache cannot be built: {why}; pass --latent_cache_dir "
+                            "on a disk with room, or --cache off") from None
+        logger.warning("--cache auto: training uncached, the latent cache cannot be built: %s (--latent_cache_dir "
+                       "elsewhere uses one, --cache off silences this)", why)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,12 +314,12 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
 
-    if cfg.cache == "off":
+    cache = usable_cache(cfg, dataset, base, accelerator.device, dtype)
+    if cache is None:
         encoders = LiveEncoders(base, accelerator.device, dtype)
     else:  # the cache's latents and embeddings replace the images and captions; the encoders leave the device
         from zeroconv.data.cache import CachedDataset
 
-        cache = latent_cache(cfg, dataset, base, accelerator.device, dtype)
         # the VAE and text encoder end up on the CPU, off the training device, until validation borrows them
         encoders = CachedEncoders(cache.empty_prompts, base, accelerator.device, dtype)
         dataset, collate = CachedDataset(cache, dataset), CachedDataset.collate
