@@ -119,13 +119,20 @@ def resolved_config(flags: list[str]) -> dict:
     return config
 
 
+# Options that change how fast a run goes or what it writes beside the weights, never its numbers (the latent cache
+# draws the same latents as live encoding: zeroconv.train.inputs, tests/data/test_cache.py).
+SPEED_ONLY = {"cache", "latent_cache_dir", "dataloader_num_workers", "report_to", "logging_steps", "logging_dir",
+              "tracker_project_name", "report"}
+
+
 def same_run(recorded: dict, wanted: dict) -> bool:
     """Equal settings. An option added to zeroconv after the run was made counts as equal when it is at its default
     now: a new option starts out as the behaviour there was before it (a changed default shows as a changed value)."""
     from zeroconv.config import TrainConfig, to_dict
 
     defaults = to_dict(TrainConfig())
-    return (all(recorded[key] == wanted[key] for key in recorded.keys() & wanted.keys())
+    compared = (recorded.keys() & wanted.keys()) - SPEED_ONLY
+    return (all(recorded[key] == wanted[key] for key in compared)
             and all(wanted[key] == defaults[key] for key in wanted.keys() - recorded.keys()))
 
 

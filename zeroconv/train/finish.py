@@ -34,7 +34,8 @@ def save_final(run: TrainingRun) -> Path:
             run.accelerator.unwrap_model(run.unet).save_pretrained(out / DECODER_FOLDER, safe_serialization=True)
         summary = {"global_step": run.state.global_step, "skipped_samples": run.state.skipped_samples,
                    "nonfinite_steps": run.state.nonfinite_steps, "nonfinite_log": run.state.nonfinite_log,
-                   "controllability": report_controllability(out / "metrics.jsonl")}
+                   "controllability": report_controllability(out / "metrics.jsonl"),
+                   "seconds": {k: round(v, 3) for k, v in run.seconds.items()}}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         write_card(run, out)
         if run.cfg.report:  # once more, so the page shows the finished run's counters

@@ -53,7 +53,9 @@ def train_loop(t) -> int:
         # fetch, forward, backward: gradient_accumulation_steps micro-batches make one step
         step_loss = torch.zeros((), device=t.device)
         for micro in range(cfg.gradient_accumulation_steps):
+            fetch = time.perf_counter()
             batch = next(t.batches)
+            t.seconds["data"] += time.perf_counter() - fetch  # host time waiting for data: no device sync
             state.skipped_samples += int(batch["skipped"])
             last = micro == cfg.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(t.controlnet):

@@ -65,6 +65,9 @@ class TrainingRun:
     progress: tqdm | None = None
     stop_signal: signal.Signals | None = None
     metrics_log: list[dict] = field(default_factory=list)
+    # wall seconds: from the process start to a built run, the step-0 validation, waiting for batches (within the
+    # steps), the loop (steps, checkpoints, validations); in train_summary.json, read by bench/race.py
+    seconds: dict = field(default_factory=lambda: {"startup": 0.0, "baseline": 0.0, "data": 0.0, "steps": 0.0})
 
     @property
     def device(self) -> torch.device:
@@ -154,6 +157,14 @@ def setup(cfg: TrainConfig, evaluator: Callable | None = None) -> TrainingRun:
     return TrainingRun(**build_parts(cfg, preflight(cfg), evaluator))
 
 
+def seconds_since_process_start() -> float:
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def install_signal_handlers(run: TrainingRun):
     """First SIGINT/SIGTERM: finish the step, checkpoint, exit 128+signal. Second Ctrl-C: exit at once."""
 
@@ -182,11 +193,14 @@ def train(cfg: TrainConfig, evaluator: Callable | None = None) -> int:
         return EXIT_OK
     run = setup(cfg, evaluator)
     restore_signals = install_signal_handlers(run)
+    run.seconds["startup"] = seconds_since_process_start()
     try:
         measures_control = run.metric_fn is not None or run.evaluator is not None
         if run.state.global_step == 0 and cfg.validation_baseline and measures_control and run.validation_due(0):
             run.validate()  # step 0: the base alone, the curve's baseline
+        run.seconds["baseline"] = seconds_since_process_start() - run.seconds["startup"]
         code = train_loop(run)
+        run.seconds["steps"] = seconds_since_process_start() - run.seconds["startup"] - run.seconds["baseline"]
         run.progress.close()
         if code == EXIT_OK:
             if run.validation_due(run.state.global_step) is False and (run.validation_pairs or run.evaluator):

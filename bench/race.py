@@ -1,0 +1,135 @@
+"""Wall time and memory: diffusers' train_controlnet.py against `zeroconv train`, the same command, alternated.
+
+    python bench/race.py --peer PATH/train_controlnet.py [--configs tiny base256] [--pairs 3] [--steps 200]
+
+A user who switches changes the program name and nothing else, so both get the same flags (batch 16, lr 1e-5,
+no validation, one checkpoint at the end) and each keeps its own defaults for the rest: zeroconv's latent cache,
+channels_last rule and fused optimizer are on by default; that is what the race measures. Per config, N pairs
+run one after the other, the order alternating (peer first, then zeroconv first: a drifting machine favours
+neither), each program in a fresh process with the same environment. Per run: the whole-process wall time (from
+the command to its exit, start-up and final save included) and its peak RSS (the kernel's, from wait4). Printed:
+every pair's times, the ratio peer/zeroconv per pair and the median, the peak RSS of both, and zeroconv's own split
+of its time (start-up to the first step, waiting for data, the steps), from its train_summary.json.
+
+Configs (bases built in code, random weights, by zeroconv.bench.build_base; Fill data by zeroconv.data.synth):
+- tiny: zeroconv.testing's tiny SD base, 64 px training on 64 px data.
+- base256: a 3-level UNet (64/128/256 channels, zeroconv bench's "small"), 256 px training on data stored at
+  512 px: the proportions of SD 1.5 (512 px training, 8x latent grid 64) on Fill50K, at a CPU's scale.
+The peer runs as published (bench/peer_env only supplies the torchvision pieces it imports); nothing of it is in
+this repo. A zeroconv run's first pair builds its latent cache; a cache found from an earlier pair is reused, as a
+user's second run reuses it: the table says which runs built one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from learn_race import RUN_ENV, train_command  # noqa: E402  (the same peer launcher and environment)
+
+# name: (base, training resolution, stored resolution, examples)
+CONFIGS = {"tiny": ("tiny", 64, 64, 1000), "base256": ("small", 256, 512, 400)}
+FLAGS = "--train_batch_size 16 --learning_rate 1e-5 --lr_scheduler constant --checkpointing_steps 100000"
+
+
+def write_fill_imagefolder(folder: Path, n: int, resolution: int) -> Path:
+    """n Fill examples stored at `resolution`, in the imagefolder layout both programs read."""
+    from zeroconv.data.synth import write_fill
+
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    write_fill(folder, n, resolution, 0, "distinct", overwrite=True, progress=False)
+    rows = [json.loads(line) for line in (folder / "prompt.json").read_text().splitlines() if line.strip()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({
+        "file_name": r["target"], "conditioning_image_file_name": r["source"], "text": r["prompt"]}) + "\n"
+        for r in rows))
+    (folder / "prompt.json").unlink()
+    return folder
+
+
+def timed_run(command: list[str], log: Path, env: dict) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS in MiB, exit code) of one process."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss // 1024, process.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", required=True, help="diffusers' examples/controlnet/train_controlnet.py")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["tiny", "base256"],
+                        help="(default: tiny base256)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternated pairs per config (default: 3)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (default: 200)")
+    parser.add_argument("--extra", default="", help="flags added to both programs (default: none)")
+    parser.add_argument("--work", default="race-work", help="working folder, reused (default: race-work)")
+    parser.add_argument("--json", default=None, help="also write every figure here")
+    args = parser.parse_args()
+    if not Path(args.peer).is_file():
+        parser.error(f"--peer {args.peer}: no such file; fetch examples/controlnet/train_controlnet.py from a "
+                     "diffusers checkout")
+    from zeroconv.bench import build_base
+
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**RUN_ENV, "XDG_CACHE_HOME": str(work / "xdg-cache")}  # zeroconv's latent cache stays in the work dir
+    report = {}
+    for name in args.configs:
+        base_name, resolution, stored, examples = CONFIGS[name]
+        base = build_base(base_name, work / f"base-{base_name}")
+        data = write_fill_imagefolder(work / f"data-{name}-{stored}px", examples, stored)
+        flags = ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(data), "--resolution",
+                 str(resolution), "--max_train_steps", str(args.steps), "--seed", "0", *shlex.split(FLAGS),
+                 *shlex.split(args.extra)]
+        runs = {"peer": [], "zeroconv": []}
+        for pair in range(args.pairs):
+            order = ("peer", "zeroconv") if pair % 2 == 0 else ("zeroconv", "peer")
+            for program in order:
+                out = work / f"{name}-{program}-{pair}"
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"{name} pair {pair + 1}: {program} ...", file=sys.stderr, flush=True)
+                wall, rss, code = timed_run(train_command(program, args.peer, [*flags, "--output_dir", str(out)]),
+                                            work / f"{name}-{program}-{pair}.log", env)
+                if code != 0:
+                    raise SystemExit(f"{program} failed (exit {code}); see {work / f'{name}-{program}-{pair}.log'}")
+                row = {"wall_s": wall, "peak_rss_mib": rss}
+                if program == "zeroconv":
+                    summary = json.loads((out / "train_summary.json").read_text())
+                    row["split_s"] = summary.get("seconds", {})
+                    log = (work / f"{name}-{program}-{pair}.log").read_text()
+                    row["built_cache"] = "latent cache: building" in log
+                runs[program].append(row)
+        report[name] = runs
+        ratios = [p["wall_s"] / z["wall_s"] for p, z in zip(runs["peer"], runs["zeroconv"])]
+        print(f"\n{name}: base {base_name}, {resolution} px training on data stored at {stored} px, {examples} "
+              f"examples, {args.steps} steps, flags: {FLAGS} {args.extra}".rstrip())
+        print(f"{'pair':<6}{'peer s':>10}{'zeroconv s':>12}{'peer/zeroconv':>15}{'peer RSS MiB':>14}"
+              f"{'zeroconv RSS MiB':>18}   zeroconv split (start-up / data / steps s)")
+        for k, (p, z) in enumerate(zip(runs["peer"], runs["zeroconv"])):
+            split = z["split_s"]
+            built = ", built its cache" if z["built_cache"] else ""
+            print(f"{k + 1:<6}{p['wall_s']:>10.1f}{z['wall_s']:>12.1f}{ratios[k]:>15.2f}{p['peak_rss_mib']:>14}"
+                  f"{z['peak_rss_mib']:>18}   {split.get('startup', 0):.1f} / {split.get('data', 0):.1f} / "
+                  f"{split.get('steps', 0):.1f}{built}")
+        print(f"median peer/zeroconv wall-time ratio: {statistics.median(ratios):.2f}; peak RSS median: peer "
+              f"{statistics.median(p['peak_rss_mib'] for p in runs['peer'])} MiB, zeroconv "
+              f"{statistics.median(z['peak_rss_mib'] for z in runs['zeroconv'])} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
