@@ -199,3 +199,25 @@ def test_cache_command_then_train_cache_auto_reuses_it_without_rebuilding(tiny_b
     assert run_training(cfg) == 0
     assert [p.name for p in root.iterdir()] == [folder.name]
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_two_runs_building_the_same_cache_at_once_both_succeed(tiny_base, tiny_dataset, tmp_path):
+    """A sweep starts several runs on one dataset: they must not write the same shards into one .partial folder."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "caches"
+    command = [sys.executable, "-m", "zeroconv", "cache", "--pretrained_model_name_or_path", str(tiny_base),
+               "--train_data_dir", str(tiny_dataset), "--resolution", "64", "--train_batch_size", "2",
+               "--latent_cache_dir", str(root), "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    folders = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert len(folders) == 1 and len(list(root.glob("*/manifest.json"))) == 1
+    assert not list(root.glob("*.partial"))
+    logs = "".join(err for _, err in outputs)
+    assert logs.count("latent cache: building") == 1  # the other waited and reused it

@@ -22,6 +22,7 @@ cache that `zeroconv train --config run.yaml --cache auto` will use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -434,6 +435,8 @@ def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders,
     """The cache for `identity` under `root`: reused when complete, else built (all processes take part).
     CacheUnavailable when it cannot be built there (checked before the first write, and a write that fails
     midway leaves nothing behind)."""
+    from safetensors import SafetensorError
+
     folder = Path(root) / cache_key(identity)
     cache = LatentCache.open(folder, identity)
     if cache is not None:
@@ -441,11 +444,44 @@ def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders,
         return cache
     needed = estimated_bytes(dataset, encoders, flipped)
     check_room(Path(root), needed)
-    logger.info("latent cache: building %s (%d samples, about %s MiB)", folder, len(dataset),
-                f"{needed / 2**20:,.1f}")
+    with build_lock(folder):
+        cache = LatentCache.open(folder, identity)  # another run may have built it while this one waited
+        if cache is not None:
+            logger.info("latent cache: reusing %s, built meanwhile by another run", folder)
+            return cache
+        logger.info("latent cache: building %s (%d samples, about %s MiB)", folder, len(dataset),
+                    f"{needed / 2**20:,.1f}")
+        try:
+            return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,
+                               num_workers=num_workers)
+        except (OSError, SafetensorError) as exc:  # the disk filled up, the folder went away: no half cache stays
+            shutil.rmtree(folder.with_name(folder.name + ".partial"), ignore_errors=True)
+            raise CacheUnavailable(f"writing it in {root} failed ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """One run at a time builds a given cache: two runs started together on the same data (a sweep) would write
+    the same shards into one .partial folder. The main process of a run holds an flock on <key>.lock while the
+    run's processes build; the other ranks wait for it at a barrier, so a run that waits for another's build
+    waits whole. Released by the kernel if the process dies."""
+    import fcntl
+
+    from accelerate import PartialState
+
+    state = PartialState()
+    handle = None
+    if state.is_main_process:
+        handle = open(folder.with_name(folder.name + ".lock"), "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("latent cache: another run is building %s; waiting for it", folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+    state.wait_for_everyone()
     try:
-        return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,
-                           num_workers=num_workers)
-    except OSError as exc:  # the disk filled up, or the folder went away: no half cache stays behind
-        shutil.rmtree(folder.with_name(folder.name + ".partial"), ignore_errors=True)
-        raise CacheUnavailable(f"writing it in {root} failed ({exc.strerror or exc})") from None
+        yield
+    finally:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
