@@ -83,17 +83,16 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
                 axes_dims_rope=(16, 56, 56))
 
 # Tiny shapes of the same three kinds, for the tests: every code path in seconds
-TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-                 norm_num_groups=8)
+TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(16,), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
 TINY_VAE = dict(SD_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)
 TINY_CLIP = dict(CLIP_L, vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, projection_dim=32)
 TINY_T5 = dict(T5_XXL, vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 TINY_SD3 = dict(SD35_LARGE, num_layers=2, attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                 caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
-TINY_FLUX = dict(FLUX_DEV, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+TINY_FLUX = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
 
@@ -538,7 +537,7 @@ def family_figures(name: str, resolution: int, batch: int, mfu: float, log=print
     for dtype in ("fp32", "bf16"):
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
         for module in (models.controlnet, models.denoiser):
-            module.to(torch_dtype)
+            module.to(torch_dtype)  # (diffusers would warn here of modules to keep in fp32: these list none)
         for gc in (False, True):
             set_gradient_checkpointing(models, gc, meter_box)
             for b in (1, batch):
@@ -677,17 +676,27 @@ def main(cfg) -> int:
     if batch < 2:
         raise UserError(f"--batch_size {batch}: --on_paper needs at least 2 (activations per sample are the slope "
                         "between batch 1 and this batch)")
-    results = []
-    for name in families:
-        resolution = cfg.resolution or FAMILIES[name].resolution
-        print(f"{name}: building on meta at {resolution} px, batch 1 and {batch}", flush=True)
-        results.append(family_figures(name, resolution, batch, cfg.mfu))
-        print(f"{name}: done in {results[-1]['seconds']:.0f} s", flush=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        results = [figures_of(name, cfg, batch) for name in families]
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     print()
     print(tables(results))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({"on_paper": results, "gpus": GPUS}, indent=1))
     return EXIT_OK
+
+
+def figures_of(name: str, cfg, batch: int) -> dict:
+    resolution = cfg.resolution or FAMILIES[name].resolution
+    print(f"{name}: building on meta at {resolution} px, batch 1 and {batch}", flush=True)
+    result = family_figures(name, resolution, batch, cfg.mfu)
+    print(f"{name}: done in {result['seconds']:.0f} s", flush=True)
+    return result
 
 
 __all__ = ["FAMILIES", "GPUS", "main", "family_figures", "recipe_memory", "largest_batch", "SavedTensorMeter",
