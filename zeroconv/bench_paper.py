@@ -191,17 +191,12 @@ class Models:
     text_encoders: dict  # name -> module
 
     def parameters(self) -> dict[str, int]:
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        count = lambda module: sum(p.numel() for p in module.parameters()) if module is not None else 0  # noqa: E731
         out = {"controlnet": count(self.controlnet), "denoiser": count(self.denoiser),
-               "vae_encoder": count(self.vae.encoder) + count(getattr(self.vae, "quant_conv", None) or _Empty()),
+               "vae_encoder": count(self.vae.encoder) + count(getattr(self.vae, "quant_conv", None)),
                "vae": count(self.vae)}
         out.update({f"text:{name}": count(module) for name, module in self.text_encoders.items()})
         return out
-
-
-class _Empty:
-    def parameters(self):
-        return iter(())
 
 
 def build_text_encoder(spec: TextEncoderSpec):
@@ -333,7 +328,7 @@ class FlashAttentionOnMeta:
     """Runs unmasked scaled_dot_product_attention on meta tensors as the flash kernel, while inside `with`.
 
     Why: on meta, SDPA picks the math path, which saves the (heads x tokens x tokens) attention matrix for
-    backward (about 58 GB per Flux step at 1024 px) and a GPU's flash kernel does not. Masked calls (the CLIP
+    backward (tens of GB per Flux step at 1024 px) and a GPU's flash kernel does not. Masked calls (the CLIP
     text encoders, run without grad) keep the math path: their forward FLOPs are the same. It swaps the attribute
     torch.nn.functional.scaled_dot_product_attention, which diffusers and transformers look up at each call; a
     torch function mode would be simpler but is not active when checkpointed blocks are recomputed in backward,
