@@ -15,6 +15,9 @@ sd15 (SD 1.5's UNet, VAE and CLIP ViT-L shapes: a 361M-parameter ControlNet).
 
     zeroconv bench --config tiny small sd15 --json bench.json
     zeroconv bench --config tiny small --source_resolution 512   # data stored at 512 px, as Fill50K
+
+`zeroconv bench --on_paper` computes instead the GPU figures of the true-shape SD 1.5, SDXL, SD3.5 and Flux
+ControlNets on meta tensors (zeroconv.bench_paper).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ BUCKETS = ("data", "encoders", "controlnet_forward", "unet_forward", "backward",
 class BenchConfig:
     configs: list[str] = option(["tiny"], "Configs to run, in order: tiny, toy, small, sd15 (also spelled --config "
                                 "NAME...; --config FILE.yaml still reads options from a file).")
-    resolution: int | None = option(None, "Training resolution (default: tiny 64, toy 64, small 256, sd15 256).")
-    batch_size: int | None = option(None, "Batch size (default: tiny 16, toy 16, small 4, sd15 1).")
+    resolution: int | None = option(None, "Training resolution (default: tiny 64, toy 64, small 256, sd15 256; "
+                                    "--on_paper: sd15 512, sdxl sd35 sd35m flux 1024).")
+    batch_size: int | None = option(None, "Batch size (default: tiny 16, toy 16, small 4, sd15 1; --on_paper: the "
+                                    "memory table's batch, 8).")
     steps: int | None = option(None, "Timed steps per variant (default: tiny 20, toy 20, small 8, sd15 1).")
     warmup: int | None = option(None, "Untimed steps first (default: tiny 3, toy 3, small 2, sd15 1); the first one is "
                                 "also the one whose FLOPs are counted.")
@@ -66,6 +71,14 @@ class BenchConfig:
         "Fill50K-layout examples (prompt.json, source/ and target/ PNGs) at N x N, e.g. 512 as Fill50K: the uncached "
         "loader then decodes N px PNGs and resizes them to the training resolution every step, as real datasets "
         "stored larger than the training resolution do; the cache is built once from the same files.")
+    on_paper: bool = option(False, "Instead of training here: build the true-shape SD 1.5, SDXL, SD3.5 and Flux "
+                            "ControlNets and their frozen parts on meta tensors (no memory, no download) and print "
+                            "their parameters, FLOPs per sample of each part with and without the cache, samples/s "
+                            "on an H100/H200 at --mfu, and GPU memory per recipe (zeroconv.bench_paper).")
+    families: list[str] = option(["sd15", "sdxl", "sd35", "flux"], "--on_paper: families to compute: sd15, sdxl, "
+                                 "sd35 (3.5 Large), sd35m (3.5 Medium), flux (FLUX.1-dev); tiny, tiny-sd3, tiny-flux "
+                                 "are test shapes.")
+    mfu: float = option(0.4, "--on_paper: model FLOPs utilization the samples/s figures assume (a fraction).")
     json: str | None = option(None, "Also write every figure to this JSON file.")
     workdir: str | None = option(None, "Keep the built bases, datasets and caches here (default: a temp folder).")
 
@@ -420,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse(BenchConfig, config_names_as_configs(list(sys.argv[1:] if argv is None else argv)),
                 prog="zeroconv bench", description=__doc__.split("\n\n")[0])
+    if cfg.on_paper:  # figures from shapes alone: nothing of the training bench below runs
+        from zeroconv import bench_paper
+
+        return bench_paper.main(cfg)
     for name in cfg.configs:
         if name not in DEFAULTS:
             raise UserError(f"--config {name}: unknown; use tiny, toy, small or sd15")
