@@ -159,7 +159,8 @@ def replay_zeroconv(flags: list[str], peer_steps: list[dict]) -> list[dict]:
     from zeroconv.train.loop import train_loop
     from zeroconv.train.run import setup
 
-    cfg = parse(TrainConfig, flags, prog="zeroconv train")
+    # equal settings: the peer's uniform timesteps and live encoding (zeroconv's defaults are cubic and a cache)
+    cfg = parse(TrainConfig, [*flags, "--timestep_sampling", "uniform", "--cache", "off"], prog="zeroconv train")
     t = setup(cfg)
     items = [t.dataset[i] for i in range(len(t.dataset))]
     pixels = torch.stack([item["pixel_values"] for item in items])

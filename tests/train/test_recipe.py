@@ -49,9 +49,9 @@ def test_resuming_without_ema_state_with_use_ema_is_a_clear_error(tiny_base, tin
 
 
 def test_snr_gamma_and_timestep_sampling_change_the_loss_but_train(tiny_base, tiny_dataset, tmp_path):
-    plain = tmp_path / "plain"
-    assert run_training(tiny_config(tiny_base, tiny_dataset, plain, max_train_steps=3)) == 0
-    runs = {"snr": dict(snr_gamma=5.0), "cubic": dict(timestep_sampling="cubic"),
+    plain = tmp_path / "plain"  # the paper's step
+    assert run_training(tiny_config(tiny_base, tiny_dataset, plain, max_train_steps=3, timestep_sampling="uniform")) == 0
+    runs = {"snr": dict(snr_gamma=5.0, timestep_sampling="uniform"), "cubic": dict(timestep_sampling="cubic"),
             "logit_normal": dict(timestep_sampling="logit_normal")}
     for name, flags in runs.items():
         out = tmp_path / name

@@ -56,8 +56,9 @@ def test_zeroconv_step_equals_the_textbook_step(base_fixture, tiny_dataset, tmp_
     steps = 4
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    # zeroconv's defaults, except a learning rate that moves the tiny weights visibly in 4 steps and no caption dropout
-    cfg = tiny_config(request.getfixturevalue(base_fixture), tiny_dataset, tmp_path / "run",
+    # zeroconv's defaults, except a learning rate that moves the tiny weights visibly in 4 steps, no caption dropout
+    # and the paper's uniform timesteps (zeroconv's default is the cubic density: tests/models/test_noise.py)
+    cfg = tiny_config(request.getfixturevalue(base_fixture), tiny_dataset, tmp_path / "run", timestep_sampling="uniform",
                       max_train_steps=steps, learning_rate=1e-3, lr_scheduler="constant",
                       proportion_empty_prompts=0.0)  # the textbook step keeps every caption
     t = setup(cfg)

@@ -25,7 +25,8 @@ TIMESTEP_SAMPLINGS = ("uniform", "cubic", "logit_normal")
 
 @dataclass(frozen=True)
 class NoiseRecipe:
-    """The noise-level knobs of a run (from TrainConfig); the defaults are the paper's."""
+    """The noise-level knobs of a run (from TrainConfig, whose default density is cubic); these defaults are the
+    paper's, so a family called without a recipe takes the textbook step."""
 
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
