@@ -233,6 +233,11 @@ class TrainConfig:
         "'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "Load the VAE from this folder or hub id instead of the base's, as diffusers' train_controlnet_sdxl.py: "
+        "e.g. madebyollin/sdxl-vae-fp16-fix, SDXL's VAE fine-tuned not to overflow in fp16 (the base's is kept in "
+        "float32 under fp16, this one need not be). It is part of the latent cache's key and of what a resume must "
+        "match. Unset: the base's own VAE.")
     revision: str | None = option(None, "Revision (branch, tag or commit) of the base model on the hub.")
     variant: str | None = option(None, "Variant of the base weights to load, e.g. 'fp16'.")
     tokenizer_name: str | None = option(None, "Tokenizer to use instead of the base model's.")

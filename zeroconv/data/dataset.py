@@ -143,3 +143,15 @@ def collate(batch: list[dict]) -> dict:
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
         "skipped": sum(item["skipped"] for item in batch),
     }
+
+
+def micro_conditioning(batch: dict, crop_top_left: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
+    """Per sample (original h, w, crop top, left, target h, target w) as float32 [N, 6]: SDXL's add_time_ids
+    (families that do not read it ignore it). The target is the condition's size: the training resolution, or the batch's aspect bucket.
+    `crop_top_left` (--crops_coords_top_left_h/_w) replaces the crop the data had, where given."""
+    size_and_crop = batch["size_and_crop"].to(torch.float32).clone()
+    for column, fixed in zip((2, 3), crop_top_left):
+        if fixed is not None:
+            size_and_crop[:, column] = fixed
+    target = torch.tensor(batch["conditioning_pixel_values"].shape[-2:], dtype=torch.float32)
+    return torch.cat([size_and_crop, target.expand(len(size_and_crop), 2)], dim=1)

@@ -74,7 +74,8 @@ def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base
     from zeroconv.models.base import load_base
 
     return load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype)
+                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype,
+                     vae=cfg.pretrained_vae_model_name_or_path)
 
 
 def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
@@ -90,7 +91,8 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
     from zeroconv.models.locate import resolve_base
 
     identity = cache.cache_identity(
-        dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base),
+        dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base,
+                                     cfg.pretrained_vae_model_name_or_path),
         cfg.tokenizer_name, cfg.condition, dtype)
     for module, module_dtype in frozen_dtypes(base, dtype).items():
         module.to(device)
@@ -216,6 +218,7 @@ def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
     """What a checkpoint must share with the run that resumes it, flat so a mismatch names the exact key."""
     identity = {"base": cfg.pretrained_model_name_or_path, "resolution": cfg.resolution, "sd_locked": cfg.sd_locked,
                 "only_mid_control": cfg.only_mid_control, "conditioning_channels": cfg.conditioning_channels,
+                "vae": cfg.pretrained_vae_model_name_or_path,
                 # what each sample's pixels are: a resume with other crops, filter or buckets trains on other data
                 "random_crop": cfg.random_crop, "image_interpolation_mode": cfg.image_interpolation_mode,
                 "aspect_buckets": cfg.aspect_buckets}
