@@ -130,6 +130,9 @@ def test_resume_refuses_other_crops_filter_or_buckets(tiny_base, tmp_path):
     out = tmp_path / "run"
     assert run_training(tiny_config(tiny_base, data, out, max_train_steps=1, checkpointing_steps=1,
                                     train_batch_size=1)) == 0
+    saved = json.loads((out / "checkpoint-1" / "identity.json").read_text())
+    # at their defaults the keys are left out: checkpoints from before they existed resume as they did
+    assert not {"random_crop", "image_interpolation_mode", "aspect_buckets", "vae"} & set(saved)
     for flag, value in (("random_crop", True), ("image_interpolation_mode", "nearest"),
                         ("aspect_buckets", "default")):
         with pytest.raises(UserError, match=rf"made by a different run \({flag}: checkpoint .* vs now {value!r}"):

@@ -217,11 +217,15 @@ def adamw_implementation(params: list) -> dict:
 def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
     """What a checkpoint must share with the run that resumes it, flat so a mismatch names the exact key."""
     identity = {"base": cfg.pretrained_model_name_or_path, "resolution": cfg.resolution, "sd_locked": cfg.sd_locked,
-                "only_mid_control": cfg.only_mid_control, "conditioning_channels": cfg.conditioning_channels,
-                "vae": cfg.pretrained_vae_model_name_or_path,
-                # what each sample's pixels are: a resume with other crops, filter or buckets trains on other data
-                "random_crop": cfg.random_crop, "image_interpolation_mode": cfg.image_interpolation_mode,
-                "aspect_buckets": cfg.aspect_buckets}
+                "only_mid_control": cfg.only_mid_control, "conditioning_channels": cfg.conditioning_channels}
+    # what makes each sample's latents: another VAE, crop, filter or bucket set trains on other data. Recorded only
+    # when not at the default, so checkpoints written before these keys existed still resume.
+    for key, value, default in (("vae", cfg.pretrained_vae_model_name_or_path, None),
+                                ("random_crop", cfg.random_crop, False),
+                                ("image_interpolation_mode", cfg.image_interpolation_mode, "bilinear"),
+                                ("aspect_buckets", cfg.aspect_buckets, None)):
+        if value != default:
+            identity[key] = value
     for prefix, config in (("base_unet", base.unet.config), ("controlnet", controlnet.config)):
         for key, value in config.items():
             if not key.startswith("_"):
