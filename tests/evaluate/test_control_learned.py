@@ -7,10 +7,13 @@ import pytest
 from bench.control_learned import measure
 
 STEPS = 60
-# measured at 60 steps (bench/control_learned.py --steps 60): see MEASURED; the margin sits well inside it
 MARGIN = 0.10
 
 
+# Not yet measured: the machine this was written on had no CPU to spare for the 2 x 60 training steps. Run
+# `PYTHONPATH=. python bench/control_learned.py --steps 60`, set MARGIN comfortably inside the gaps it prints
+# (and STEPS lower if they are wide), then drop this skip.
+@pytest.mark.skip(reason="margin not yet measured: run bench/control_learned.py --steps 60 first")
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_trained_controlnet_reads_its_condition(family, tmp_path):
     figures = measure(family, tmp_path, steps=STEPS, learning_rate=1e-3)
