@@ -284,8 +284,8 @@ class TrainConfig:
         "filters). 'nearest' keeps a condition's exact values (label maps, masks).",
         choices=["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"])
     random_crop: bool = option(
-        False, "Crop the R x R square at a random place of the resized image (the same for image and condition, new "
-        "every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
+        False, "Crop the R x R square (or the sample's --aspect_buckets size) at a random place of the resized image "
+        "(the same for image and condition, new every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
         "--cache: the cache stores one crop.")
     aspect_buckets: str | None = option(
         None, "Train on whole images of any shape instead of square crops: each image goes to the bucket (a WxH "
