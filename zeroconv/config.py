@@ -188,6 +188,32 @@ def validation_pairs(prompts: list[str] | None, images: list[str] | None) -> lis
                     "equal counts, or one of either")
 
 
+# SDXL's training buckets (width, height): about 1024 x 1024 pixels each, sides multiples of 64. --aspect_buckets
+# default scales them to --resolution, so SD 1.x at 512 and the tiny bases at 64 get the same shapes.
+SDXL_BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                (1536, 640), (640, 1536))
+
+
+def parse_aspect_buckets(spec: str, resolution: int) -> list[tuple[int, int]]:
+    """--aspect_buckets as (width, height) pixel sizes: 'default' (SDXL_BUCKETS scaled to `resolution`, sides
+    rounded to the nearest multiple of 8, duplicates dropped) or 'WxH,WxH,...'."""
+    if spec.strip().lower() == "default":
+        sizes = [tuple(max(8, int(side * resolution / 1024 / 8 + 0.5) * 8) for side in size) for size in SDXL_BUCKETS]
+        return list(dict.fromkeys(sizes))
+    sizes = []
+    for item in spec.replace(" ", "").split(","):
+        width, _, height = item.lower().partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise UserError(f"--aspect_buckets {spec}: {item!r} is not WxH; give 'default' or sizes like "
+                            "'512x512,576x448,448x576'")
+        size = (int(width), int(height))
+        if min(size) < 8 or size[0] % 8 or size[1] % 8:
+            raise UserError(f"--aspect_buckets {spec}: {item} has a side that is not a positive multiple of 8 (the "
+                            f"VAE's latent grid); try {max(8, size[0] // 8 * 8)}x{max(8, size[1] // 8 * 8)}")
+        sizes.append(size)
+    return list(dict.fromkeys(sizes))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # zeroconv train. The first block is diffusers' examples/controlnet/train_controlnet.py, same names and meanings,
 # so `accelerate launch -m zeroconv train <their flags>` runs where their script did.
@@ -207,6 +233,11 @@ class TrainConfig:
         "'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "Load the VAE from this folder or hub id instead of the base's, as diffusers' train_controlnet_sdxl.py: "
+        "e.g. madebyollin/sdxl-vae-fp16-fix, SDXL's VAE fine-tuned not to overflow in fp16 (the base's is kept in "
+        "float32 under fp16, this one need not be). It is part of the latent cache's key and of what a resume must "
+        "match. Unset: the base's own VAE.")
     revision: str | None = option(None, "Revision (branch, tag or commit) of the base model on the hub.")
     variant: str | None = option(None, "Variant of the base weights to load, e.g. 'fp16'.")
     tokenizer_name: str | None = option(None, "Tokenizer to use instead of the base model's.")
@@ -246,16 +277,26 @@ class TrainConfig:
     caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
     max_train_samples: int | None = option(None, "Use only the first N examples (debugging, quick runs).")
     resolution: int = option(512, "Training resolution: shorter side resized to it, then cropped square (centered; "
-                             "see --random_crop). Must be divisible by 8.")
+                             "see --random_crop; --aspect_buckets for other shapes). Must be divisible by 8.")
     random_flip: bool = option(False, "Randomly flip image and condition horizontally together.")
     image_interpolation_mode: str = option(
         "bilinear", "Filter that resizes image and condition to --resolution (diffusers' SDXL scripts' names; PIL's "
         "filters). 'nearest' keeps a condition's exact values (label maps, masks).",
         choices=["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"])
     random_crop: bool = option(
-        False, "Crop the R x R square at a random place of the resized image (the same for image and condition, new "
-        "every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
+        False, "Crop the R x R square (or the sample's --aspect_buckets size) at a random place of the resized image "
+        "(the same for image and condition, new every epoch) instead of its center. SDXL is told the crop's offset (its crops_coords_top_left). Not with "
         "--cache: the cache stores one crop.")
+    aspect_buckets: str | None = option(
+        None, "Train on whole images of any shape instead of square crops: each image goes to the bucket (a WxH "
+        "size) nearest its aspect ratio, is resized to cover it and cropped to it (centered, or at random with "
+        "--random_crop; image and condition alike), and every batch holds one bucket. 'default': SDXL's buckets of "
+        "about 1024x1024 pixels (1024x1024, 1152x896, 1216x832, 1344x768, 1536x640 and their transposes) scaled to "
+        "--resolution, so about R x R pixels each (at 512: 512x512 ... 768x320), every side rounded to a multiple of "
+        "8, the VAE's latent grid. Or an explicit list of pixel sizes 'WxH,WxH,...', each side a positive multiple "
+        "of 8. Unset: the square center crop of --resolution (diffusers' scripts). SDXL is told the original size, "
+        "the crop offset and the bucket's size (its add_time_ids). Not with --cache on: latents of varying shapes "
+        "(auto encodes live).", metavar="default|WxH,...")
     crops_coords_top_left_h: int | None = option(
         None, "SDXL: tell the model this crop top (pixels) instead of the crop applied, as diffusers' "
         "train_controlnet_sdxl.py (0 there: 'not cropped', which SDXL answers with centered subjects). Unset: the "
@@ -411,6 +452,12 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
     if cfg.random_crop and cfg.cache in ("on", "only"):  # auto falls back to live encoding (train/setup.py)
         raise UserError(f"--random_crop with --cache {cfg.cache}: the cache stores one crop of each image, a random "
                         "crop moves every epoch; use --cache off, or drop --random_crop")
+    if cfg.aspect_buckets is not None:
+        parse_aspect_buckets(cfg.aspect_buckets, cfg.resolution)
+        if cfg.cache in ("on", "only"):  # auto falls back to live encoding (train/setup.py)
+            raise UserError(f"--aspect_buckets with --cache {cfg.cache}: the cache stores one square crop of each "
+                            "image, buckets give latents of varying shapes; use --cache off (or auto), or drop "
+                            "--aspect_buckets")
     for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < 0:
             raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (pixels from the top/left edge)")

@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     # loaded in the dtype they sample in, then only moved: a cast after loading is what diffusers warns about
     controlnet = load_controlnet(cfg.controlnet, dtype)
     channels = controlnet.config.conditioning_channels
-    base = load_base(base_name, dtype=dtype)
+    # the VAE the ControlNet was trained with (--pretrained_vae_model_name_or_path), when sampling on that base
+    vae = trained.get("pretrained_vae_model_name_or_path") if base_name == trained.get(
+        "pretrained_model_name_or_path") else None
+    base = load_base(base_name, dtype=dtype, vae=vae)
     pipe = base.family.pipeline(base, controlnet, scheduler=cfg.scheduler).to(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

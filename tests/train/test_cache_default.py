@@ -34,12 +34,14 @@ def test_the_default_builds_a_cache_and_says_how_big(tiny_base, tiny_dataset, tm
     assert not cache_notices(caplog)
 
 
-@pytest.mark.parametrize("why", ["random_crop", "full_disk", "read_only"])
+@pytest.mark.parametrize("why", ["random_crop", "aspect_buckets", "full_disk", "read_only"])
 def test_auto_falls_back_to_live_encoding_with_one_notice(tiny_base, tiny_dataset, tmp_path, caplog, monkeypatch, why):
     root = tmp_path / "caches"
     flags = dict(cache="auto", latent_cache_dir=str(root), max_train_steps=2)
     if why == "random_crop":
         flags["random_crop"] = True
+    elif why == "aspect_buckets":
+        flags["aspect_buckets"] = "default"
     elif why == "full_disk":
         fill_disk(monkeypatch, root)
     else:  # sysfs refuses new folders even to root, where a chmod'ed folder would not
@@ -48,7 +50,7 @@ def test_auto_falls_back_to_live_encoding_with_one_notice(tiny_base, tiny_datase
         assert run_training(tiny_config(tiny_base, tiny_dataset, tmp_path / "run", **flags)) == 0
     notices = cache_notices(caplog)
     assert len(notices) == 1, notices
-    expected = {"random_crop": "--random_crop", "full_disk": "MiB free", "read_only": "not writable"}[why]
+    expected = {"random_crop": "--random_crop", "aspect_buckets": "--aspect_buckets", "full_disk": "MiB free", "read_only": "not writable"}[why]
     assert expected in notices[0]
     assert len(losses(tmp_path / "run")) == 2  # trained, uncached
     assert not list(root.glob("*/manifest.json")) and not list(root.glob("*.partial"))

@@ -60,11 +60,16 @@ def file_stats(folder: Path) -> list:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-def base_identity(location: str, revision: str | None, base) -> dict:
+def base_identity(location: str, revision: str | None, base, vae: str | None = None) -> dict:
     """What makes the frozen encoders' outputs: the base's location (a resolved path, or a hub id), its component
-    configs and weight files."""
+    configs and weight files; and those of `vae` (--pretrained_vae_model_name_or_path) when it replaces the base's."""
     path = Path(location)
     identity: dict = {"name": str(path.resolve()) if path.exists() else location, "revision": revision}
+    if vae is not None:
+        vae_path = Path(vae)
+        identity["vae"] = str(vae_path.resolve()) if vae_path.exists() else vae
+        if vae_path.is_dir():
+            identity["vae_files"] = file_stats(vae_path)
     for part in BASE_PARTS:
         if getattr(base, part, None) is None:
             continue

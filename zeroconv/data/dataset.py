@@ -3,10 +3,13 @@
 The flip of sample i in epoch e, which caption of a list it gets and where a random crop lies come from a
 generator seeded by (seed, e, i): the same whatever the worker count, the batch order or where a run was resumed.
 Each item carries its "size_and_crop" (original height and width, crop top and left), SDXL's micro-conditioning.
+With aspect buckets (`buckets`, and `bucket_of` from zeroconv.data.buckets.assign_buckets) sample i is resized and
+cropped to its bucket's size instead of R x R; zeroconv.data.order.BucketBatchSampler batches one bucket at a time.
 
 Bad data does not stop a run: an unreadable, truncated or empty file is replaced by the next readable index
 (i+1, i+2, ... wrapping), so every batch keeps its shape; one log line names the file and the reason, and the
-item's "skipped" counts the replacements (the loop sums them). `strict_data=True` raises instead.
+item's "skipped" counts the replacements (the loop sums them); a replacement is fitted to the bucket of the index
+asked for, so a bucket's batch keeps its shape. `strict_data=True` raises instead.
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ def describe(exc: BaseException) -> str:
 
 class ControlNetDataset(torch.utils.data.Dataset):
     def __init__(self, examples: Examples, transform: PairedTransform, seed: int = 0, random_flip: bool = False,
-                 strict_data: bool = False, condition_fn: Callable[[Image.Image], Image.Image] | None = None):
+                 strict_data: bool = False, condition_fn: Callable[[Image.Image], Image.Image] | None = None,
+                 buckets: list[tuple[int, int]] | None = None, bucket_of: list[int] | None = None):
         self.examples, self.transform = examples, transform
+        # (width, height) of each bucket, and each sample's bucket; None: every sample R x R
+        self.buckets, self.bucket_of = buckets, bucket_of
         self.seed, self.random_flip, self.strict_data = seed, random_flip, strict_data
         self.condition_fn = condition_fn
         self.epoch = 0
@@ -69,12 +75,13 @@ class ControlNetDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         flip, caption_draw, crop_draw = self.draws(index)
+        target = self.buckets[self.bucket_of[index]] if self.buckets else None
         first_failure = None
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
             example = self.examples[j]
             try:
-                pixel_values, conditioning_pixel_values, crop = self.load(example, flip, j, crop_draw)
+                pixel_values, conditioning_pixel_values, crop = self.load(example, flip, j, crop_draw, target)
             except BadSample as bad:
                 if self.strict_data:
                     raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
@@ -90,16 +97,17 @@ class ControlNetDataset(torch.utils.data.Dataset):
         raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
                         "check the dataset's image files")
 
-    def load(self, example: Example, flip: bool, index: int, crop_draw: tuple[float, float] = (0.5, 0.5)
-             ) -> tuple[torch.Tensor, torch.Tensor, Crop]:
-        """(image in [-1, 1], condition in [0, 1], where the crop lies)."""
+    def load(self, example: Example, flip: bool, index: int, crop_draw: tuple[float, float] = (0.5, 0.5),
+             target: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, Crop]:
+        """(image in [-1, 1], condition in [0, 1], where the crop lies); `target` (width, height): the size to
+        fit to, R x R when None."""
         try:
             image = example.open_image()
         except DATA_ERRORS as exc:
             raise BadSample(source_label(example.image) or f"{example.name} image", describe(exc)) from exc
-        crop = self.transform.crop(upright_size(image), crop_draw)
+        crop = self.transform.crop(upright_size(image), crop_draw, target)
         if self.condition_fn is not None:
-            image = self.transform.fit_image(image, crop.centering)
+            image = self.transform.fit_image(image, crop.centering, crop.target)
             # the extractor's random choices (thresholds, stroke widths) are drawn per (seed, epoch, sample) like
             # the flip, so they too survive resume and do not depend on the worker count
             rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index, 1])
@@ -115,7 +123,7 @@ class ControlNetDataset(torch.utils.data.Dataset):
                 label = source_label(example.conditioning_image) or f"{example.name} conditioning image"
                 raise BadSample(label, describe(exc)) from exc
         try:
-            return (*self.transform(image, condition, flip, crop.centering), crop)
+            return (*self.transform(image, condition, flip, crop.centering, crop.target), crop)
         except DATA_ERRORS as exc:  # modes PIL cannot convert, images too small to crop
             raise BadSample(example.name, describe(exc)) from exc
 
@@ -135,3 +143,15 @@ def collate(batch: list[dict]) -> dict:
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
         "skipped": sum(item["skipped"] for item in batch),
     }
+
+
+def micro_conditioning(batch: dict, crop_top_left: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
+    """Per sample (original h, w, crop top, left, target h, target w) as float32 [N, 6]: SDXL's add_time_ids
+    (families that do not read it ignore it). The target is the condition's size: the training resolution, or the batch's aspect bucket.
+    `crop_top_left` (--crops_coords_top_left_h/_w) replaces the crop the data had, where given."""
+    size_and_crop = batch["size_and_crop"].to(torch.float32).clone()
+    for column, fixed in zip((2, 3), crop_top_left):
+        if fixed is not None:
+            size_and_crop[:, column] = fixed
+    target = torch.tensor(batch["conditioning_pixel_values"].shape[-2:], dtype=torch.float32)
+    return torch.cat([size_and_crop, target.expand(len(size_and_crop), 2)], dim=1)

@@ -4,8 +4,9 @@
 resizes the shorter side to R and crops R x R (one resample through `ImageOps.fit`, bilinear like diffusers'
 script; centered, or where `crop()` put it with random_crop), flips both when asked, and returns float32
 tensors: the image in [-1, 1] as the VAE wants it, the condition in [0, 1] as the ControlNet reads it.
-`crop()` also says what SDXL's size conditioning reads: the original size and the crop's top-left corner in the
-resized image. PIL and numpy only: it runs per sample per step.
+With a target size W x H (an aspect bucket, zeroconv.data.buckets) the image is resized to cover W x H instead
+and cropped to it, the same way. `crop()` also says what SDXL's size conditioning reads: the original size and
+the crop's top-left corner in the resized image. PIL and numpy only: it runs per sample per step.
 """
 
 from __future__ import annotations
@@ -119,13 +120,15 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Crop:
-    """Where one sample's R x R crop lies: `centering` as ImageOps.fit takes it (fractions of the free space),
-    the original (height, width) and the crop's (top, left) in the image resized to shorter side R, unflipped."""
+    """Where one sample's crop lies: `centering` as ImageOps.fit takes it (fractions of the free space), the
+    original (height, width), the crop's (top, left) in the image resized to cover the target, unflipped, and the
+    target (width, height): R x R, or the sample's aspect bucket."""
 
     centering: tuple[float, float]
     original_size: tuple[int, int]
     top_left: tuple[int, int]
     free: tuple[float, float]  # (rows, columns) of the resized image outside the crop
+    target: tuple[int, int] = (0, 0)
 
     def size_and_crop(self, flip: bool) -> tuple[int, int, int, int]:
         """(original h, w, crop top, left) as SDXL's micro-conditioning reads it: a flipped sample's crop is
@@ -147,33 +150,41 @@ class PairedTransform:
         self.conditioning_channels = conditioning_channels
         self.random_crop = random_crop
 
-    def crop(self, size: tuple[int, int], draw: tuple[float, float] = CENTER) -> Crop:
-        """The crop of an upright image of `size` (width, height): centered, or with random_crop at a whole-pixel
-        offset of the resized image picked by `draw` (two uniforms in [0, 1), rows then columns)."""
+    def crop(self, size: tuple[int, int], draw: tuple[float, float] = CENTER,
+             target: tuple[int, int] | None = None) -> Crop:
+        """The crop of an upright image of `size` (width, height) to `target` (width, height; default R x R),
+        once resized to cover it: centered, or with random_crop at a whole-pixel offset of the resized image
+        picked by `draw` (two uniforms in [0, 1), rows then columns)."""
         width, height = size
-        scale = self.resolution / min(width, height)
-        free = (max(height * scale - self.resolution, 0.0), max(width * scale - self.resolution, 0.0))
+        target_width, target_height = target or (self.resolution, self.resolution)
+        scale = max(target_width / width, target_height / height)
+        free = (max(height * scale - target_height, 0.0), max(width * scale - target_width, 0.0))
+        target = (target_width, target_height)
         if not self.random_crop:
-            return Crop(CENTER, (height, width), (int(round(free[0] / 2)), int(round(free[1] / 2))), free)
+            return Crop(CENTER, (height, width), (int(round(free[0] / 2)), int(round(free[1] / 2))), free, target)
         # whole pixels of the resized image, so the offset SDXL is told is the one applied
         offsets = [min(int(u * (int(f) + 1)), int(f)) for u, f in zip(draw, free)]
         # ImageOps.fit takes (x, y) centering
         centering = tuple(o / f if f > 0 else 0.5 for o, f in zip(reversed(offsets), reversed(free)))
-        return Crop(centering, (height, width), (offsets[0], offsets[1]), free)
+        return Crop(centering, (height, width), (offsets[0], offsets[1]), free, target)
 
-    def fit(self, image: Image.Image, centering: tuple[float, float] = CENTER) -> Image.Image:
-        """Shorter side to R, crop R x R at `centering`, in one resample (no-op when already R x R)."""
-        size = (self.resolution, self.resolution)
+    def fit(self, image: Image.Image, centering: tuple[float, float] = CENTER,
+            size: tuple[int, int] | None = None) -> Image.Image:
+        """Resize to cover `size` (width, height; default R x R), crop it at `centering`, in one resample (no-op
+        when already that size)."""
+        size = size or (self.resolution, self.resolution)
         return image if image.size == size else ImageOps.fit(image, size, self.resample, centering=centering)
 
-    def fit_image(self, image: Image.Image, centering: tuple[float, float] = CENTER) -> Image.Image:
-        """The target image as trained on, before flip: upright RGB, R x R (what a condition extractor sees)."""
-        return self.fit(to_rgb(image), centering)
+    def fit_image(self, image: Image.Image, centering: tuple[float, float] = CENTER,
+                  size: tuple[int, int] | None = None) -> Image.Image:
+        """The target image as trained on, before flip: upright RGB, R x R or `size` (what a condition extractor
+        sees)."""
+        return self.fit(to_rgb(image), centering, size)
 
     def __call__(self, image: Image.Image, condition: Image.Image, flip: bool = False,
-                 centering: tuple[float, float] = CENTER):
-        image = self.fit_image(image, centering)
-        condition = self.fit(to_condition_mode(condition, self.conditioning_channels), centering)
+                 centering: tuple[float, float] = CENTER, size: tuple[int, int] | None = None):
+        image = self.fit_image(image, centering, size)
+        condition = self.fit(to_condition_mode(condition, self.conditioning_channels), centering, size)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             condition = condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

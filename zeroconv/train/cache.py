@@ -25,6 +25,10 @@ def build_for_training(cfg: TrainConfig) -> LatentCache:
     from zeroconv.train.setup import build_dataset, latent_cache, load_frozen_base, make_accelerator, run_seed
 
     check_base_arg(cfg.pretrained_model_name_or_path, revision=cfg.revision, cache_dir=cfg.cache_dir)
+    for flag, value in (("random_crop", cfg.random_crop), ("aspect_buckets", cfg.aspect_buckets)):
+        if value:  # `zeroconv train` with these encodes live (--cache auto) or refuses (--cache on)
+            raise UserError(f"zeroconv cache --{flag}: a run with --{flag} cannot use a latent cache (it stores one "
+                            f"square crop per image); train with --cache off, or drop --{flag}")
     examples = load_examples(cfg)
     accelerator = make_accelerator(cfg, tracking=False)
     seed = run_seed(cfg)

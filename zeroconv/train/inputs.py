@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from zeroconv.data.dataset import micro_conditioning  # noqa: F401 - the loop imports it here
+
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float,
                    shift_factor: float | None = None) -> torch.Tensor:
@@ -36,18 +38,6 @@ def drop_captions(prompts: dict[str, torch.Tensor], empty: dict[str, torch.Tenso
         mask = keep.to(value.device).view(-1, *([1] * (value.dim() - 1)))
         out[name] = torch.where(mask, value, empty[name].to(value.device, value.dtype).expand_as(value))
     return out
-
-
-def micro_conditioning(batch: dict, crop_top_left: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
-    """Per sample (original h, w, crop top, left, target h, target w) as float32 [N, 6]: SDXL's add_time_ids
-    (families that do not read it ignore it). The target is the condition's size, the training resolution.
-    `crop_top_left` (--crops_coords_top_left_h/_w) replaces the crop the data had, where given."""
-    size_and_crop = batch["size_and_crop"].to(torch.float32).clone()
-    for column, fixed in zip((2, 3), crop_top_left):
-        if fixed is not None:
-            size_and_crop[:, column] = fixed
-    target = torch.tensor(batch["conditioning_pixel_values"].shape[-2:], dtype=torch.float32)
-    return torch.cat([size_and_crop, target.expand(len(size_and_crop), 2)], dim=1)
 
 
 class LiveEncoders:

@@ -59,15 +59,23 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
         condition_fn = get_extractor(cfg.condition, seed=seed)
     transform = PairedTransform(cfg.resolution, cfg.conditioning_channels, random_crop=cfg.random_crop,
                                 interpolation=cfg.image_interpolation_mode)
-    return ControlNetDataset(examples, transform, seed=seed,
-                             random_flip=cfg.random_flip, strict_data=cfg.strict_data, condition_fn=condition_fn)
+    buckets = bucket_of = None
+    if cfg.aspect_buckets is not None:
+        from zeroconv.config import parse_aspect_buckets
+        from zeroconv.data.buckets import assign_buckets
+
+        buckets = parse_aspect_buckets(cfg.aspect_buckets, cfg.resolution)
+        bucket_of = assign_buckets(examples, buckets)
+    return ControlNetDataset(examples, transform, seed=seed, random_flip=cfg.random_flip, strict_data=cfg.strict_data,
+                             condition_fn=condition_fn, buckets=buckets, bucket_of=bucket_of)
 
 
 def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base:
     from zeroconv.models.base import load_base
 
     return load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype)
+                     cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype,
+                     vae=cfg.pretrained_vae_model_name_or_path)
 
 
 def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
@@ -83,7 +91,8 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
     from zeroconv.models.locate import resolve_base
 
     identity = cache.cache_identity(
-        dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base),
+        dataset, cache.base_identity(resolve_base(cfg.pretrained_model_name_or_path), cfg.revision, base,
+                                     cfg.pretrained_vae_model_name_or_path),
         cfg.tokenizer_name, cfg.condition, dtype)
     for module, module_dtype in frozen_dtypes(base, dtype).items():
         module.to(device)
@@ -107,6 +116,10 @@ def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
     if cfg.random_crop:  # only auto gets here (check_train_config refuses on/only)
         logger.warning("--cache auto: off for this run, --random_crop moves the crop every epoch and a cache holds "
                        "one; batches are encoded live")
+        return None
+    if cfg.aspect_buckets is not None:  # likewise
+        logger.warning("--cache auto: off for this run, --aspect_buckets gives latents of varying shapes and a cache "
+                       "holds one square crop per image; batches are encoded live")
         return None
     try:
         return latent_cache(cfg, dataset, base, device, dtype)
@@ -205,6 +218,14 @@ def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
     """What a checkpoint must share with the run that resumes it, flat so a mismatch names the exact key."""
     identity = {"base": cfg.pretrained_model_name_or_path, "resolution": cfg.resolution, "sd_locked": cfg.sd_locked,
                 "only_mid_control": cfg.only_mid_control, "conditioning_channels": cfg.conditioning_channels}
+    # what makes each sample's latents: another VAE, crop, filter or bucket set trains on other data. Recorded only
+    # when not at the default, so checkpoints written before these keys existed still resume.
+    for key, value, default in (("vae", cfg.pretrained_vae_model_name_or_path, None),
+                                ("random_crop", cfg.random_crop, False),
+                                ("image_interpolation_mode", cfg.image_interpolation_mode, "bilinear"),
+                                ("aspect_buckets", cfg.aspect_buckets, None)):
+        if value != default:
+            identity[key] = value
     for prefix, config in (("base_unet", base.unet.config), ("controlnet", controlnet.config)):
         for key, value in config.items():
             if not key.startswith("_"):
@@ -278,7 +299,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     checkpoint_bytes = 12 * sum(p.numel() for p in controlnet_params + decoder_params)
     check_disk_space(cfg.output_dir, checkpoint_bytes * ((cfg.checkpoints_total_limit or 1) + 1))
     optimizer = make_optimizer(cfg, controlnet_params, decoder_params, lr_scale)
-    per_epoch = batches_per_epoch(len(dataset), cfg.train_batch_size, accelerator.num_processes)
+    per_epoch = batches_per_epoch(len(dataset), cfg.train_batch_size, accelerator.num_processes, dataset.bucket_of)
     max_train_steps = steps_for(per_epoch, cfg.gradient_accumulation_steps, cfg.num_train_epochs,
                                 cfg.max_train_steps)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -314,6 +335,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
 
+    bucket_of = dataset.bucket_of  # a latent cache never serves a bucketed run (usable_cache)
     cache = usable_cache(cfg, dataset, base, accelerator.device, dtype)
     if cache is None:
         encoders = LiveEncoders(base, accelerator.device, dtype)
@@ -326,7 +348,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                            pin_memory=accelerator.device.type == "cuda")
+                            pin_memory=accelerator.device.type == "cuda", bucket_of=bucket_of)
     metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None)
     metric_fn = None
     if metric_name:
