@@ -180,7 +180,7 @@ def test_cache_command_and_train_cache_only(tiny_base, tiny_dataset, tmp_path, c
     # train --cache only finds the same cache (same flags) and stops there
     cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "out", cache="only", latent_cache_dir=str(root))
     assert run_training(cfg) == 0
-    assert [p.name for p in root.iterdir()] == [folder.name]
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [folder.name]  # .<key>.lock aside
     assert not (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
     assert main(["cache", *args, "--train_data_dir", str(tmp_path / "missing")]) == 2
 
@@ -197,7 +197,7 @@ def test_cache_command_then_train_cache_auto_reuses_it_without_rebuilding(tiny_b
     cfg = tiny_config(tiny_base, tiny_dataset, tmp_path / "out", cache="auto", latent_cache_dir=str(root),
                       max_train_steps=2)
     assert run_training(cfg) == 0
-    assert [p.name for p in root.iterdir()] == [folder.name]
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [folder.name]  # .<key>.lock aside
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").is_file()
 
 

@@ -467,7 +467,7 @@ def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders,
 @contextlib.contextmanager
 def build_lock(folder: Path):
     """One run at a time builds a given cache: two runs started together on the same data (a sweep) would write
-    the same shards into one .partial folder. The main process of a run holds an flock on <key>.lock while the
+    the same shards into one .partial folder. The main process of a run holds an flock on .<key>.lock while the
     run's processes build; the other ranks wait for it at a barrier, so a run that waits for another's build
     waits whole. Released by the kernel if the process dies."""
     import fcntl
@@ -477,7 +477,8 @@ def build_lock(folder: Path):
     state = PartialState()
     handle = None
     if state.is_main_process:
-        handle = open(folder.with_name(folder.name + ".lock"), "w")
+        # hidden, and left in place: deleting a lock file races with a run about to take it
+        handle = open(folder.with_name(f".{folder.name}.lock"), "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
