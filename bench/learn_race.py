@@ -42,20 +42,29 @@ RUN_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": os.environ.ge
 SAMPLER = dict(scheduler="unipc", inference_steps=20, guidance_scale=3.0, seed=0)
 
 
+def write_fill_imagefolder(folder: Path, n: int, resolution: int) -> Path:
+    """n Fill examples (seed 0) stored at `resolution` in the imagefolder layout, which `datasets` (the peer) and
+    zeroconv read alike; kept when already there."""
+    from zeroconv.data.synth import write_fill
+
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    write_fill(folder, n, resolution, 0, "distinct", overwrite=True, progress=False)
+    rows = [json.loads(line) for line in (folder / "prompt.json").read_text().splitlines() if line.strip()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({
+        "file_name": r["target"], "conditioning_image_file_name": r["source"], "text": r["prompt"]}) + "\n"
+        for r in rows))
+    (folder / "prompt.json").unlink()
+    return folder
+
+
 def write_data(work: Path, task: str, train_examples: int, held_out: int, resolution: int) -> tuple[Path, Path]:
     if task == "canny":
         return write_shapes_canny(work, train_examples, held_out, resolution)
     from zeroconv.data.synth import write_fill
 
     data, held = work / "data", work / "held_out"
-    if not (data / "metadata.jsonl").is_file():
-        write_fill(data, train_examples, resolution, 0, "distinct", overwrite=True, progress=False)
-        rows = [json.loads(line) for line in (data / "prompt.json").read_text().splitlines() if line.strip()]
-        # the imagefolder layout, read alike by `datasets` (the peer) and zeroconv
-        (data / "metadata.jsonl").write_text("".join(json.dumps({
-            "file_name": r["target"], "conditioning_image_file_name": r["source"], "text": r["prompt"]}) + "\n"
-            for r in rows))
-        (data / "prompt.json").unlink()
+    write_fill_imagefolder(data, train_examples, resolution)
     if not (held / "prompt.json").is_file():  # another seed: no held-out outline is a training example
         write_fill(held, held_out, resolution, 1_000_003, "distinct", workers=1, overwrite=True, progress=False)
     return data, held

@@ -35,26 +35,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from learn_race import RUN_ENV, train_command  # noqa: E402  (the same peer launcher and environment)
+from learn_race import RUN_ENV, train_command, write_fill_imagefolder  # noqa: E402  (the same launcher, env, data)
 
 # name: (base, training resolution, stored resolution, examples)
 CONFIGS = {"tiny": ("tiny", 64, 64, 1000), "base256": ("small", 256, 512, 400)}
 FLAGS = "--train_batch_size 16 --learning_rate 1e-5 --lr_scheduler constant --checkpointing_steps 100000"
-
-
-def write_fill_imagefolder(folder: Path, n: int, resolution: int) -> Path:
-    """n Fill examples stored at `resolution`, in the imagefolder layout both programs read."""
-    from zeroconv.data.synth import write_fill
-
-    if (folder / "metadata.jsonl").is_file():
-        return folder
-    write_fill(folder, n, resolution, 0, "distinct", overwrite=True, progress=False)
-    rows = [json.loads(line) for line in (folder / "prompt.json").read_text().splitlines() if line.strip()]
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({
-        "file_name": r["target"], "conditioning_image_file_name": r["source"], "text": r["prompt"]}) + "\n"
-        for r in rows))
-    (folder / "prompt.json").unlink()
-    return folder
 
 
 def timed_run(command: list[str], log: Path, env: dict) -> tuple[float, int, int]:

@@ -20,6 +20,17 @@ def tiny_config(base, data, out, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def fresh_setup(cfg: TrainConfig):
+    """zeroconv.train.run.setup after resetting accelerate's process-wide state, as a new process would start."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from zeroconv.train.run import setup
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return setup(cfg)
+
+
 def run_training(cfg: TrainConfig, evaluator=None) -> int:
     from accelerate.state import AcceleratorState, GradientState
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.train.helpers import controlnet_weights, losses, tiny_config
+from tests.train.helpers import controlnet_weights, fresh_setup, losses, tiny_config
 
 # (width, height) of the three shapes, and the default bucket each goes to at --resolution 64
 SHAPES = {(96, 64): (80, 56), (64, 96): (56, 80), (64, 64): (64, 64)}
@@ -33,14 +33,9 @@ def three_shapes(folder: Path, per_shape: int = 4) -> Path:
 
 def train_and_watch(cfg):
     """Train as `zeroconv train` does and return (the batches the loop took, the run, the UNet's time_ids)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from zeroconv.train.loop import train_loop
-    from zeroconv.train.run import setup
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    t = setup(cfg)
+    t = fresh_setup(cfg)
     batches, time_ids = [], []
 
     def record(_module, _args, kwargs):

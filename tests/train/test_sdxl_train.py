@@ -9,19 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.train.helpers import controlnet_weights, losses, run_training, tiny_config
+from tests.train.helpers import controlnet_weights, fresh_setup, losses, run_training, tiny_config
 
 
 def unet_calls(cfg):
     """Per UNet call of a short run: its added_cond_kwargs, hidden states and noisy input; and the batches."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from zeroconv.train.loop import train_loop
-    from zeroconv.train.run import setup
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    t = setup(cfg)
+    t = fresh_setup(cfg)
     seen, batches = [], []
 
     def record(_module, args, kwargs):
