@@ -203,7 +203,7 @@ CONDITION_ENCODER_INITS = ("paper", "unit_variance")
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
-        None, "Base SD 1.x/2.x or SDXL model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
+        None, "Base SD 1.x/2.x, SDXL or SD3 model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
         "'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
@@ -226,6 +226,19 @@ class TrainConfig:
         "(the default init weakens it 30-60x), so the hint path learns from the first steps (on the toy Fill "
         "demo control appears at step 50 instead of 250). Either way the last conv is zero and the untrained "
         "ControlNet changes nothing.", choices=list(CONDITION_ENCODER_INITS))
+    num_layers: int = option(
+        12, "SD3: joint blocks of the ControlNet, copied from the base transformer's first ones (diffusers' "
+        "SD3ControlNetModel.from_transformer default, which train_controlnet_sd3.py uses). SD and SDXL copy the "
+        "whole UNet encoder and do not read it.")
+    num_extra_conditioning_channels: int = option(
+        0, "SD3: condition channels beyond the VAE latents' (an inpainting ControlNet's mask), as "
+        "train_controlnet_sd3.py; 0, its default, is all zeroconv's data supplies.")
+    upcast_vae: bool = option(
+        False, "Run the VAE in float32 whatever --mixed_precision (as train_controlnet_sd3.py): a half-precision "
+        "VAE can overflow into NaN latents. Off by default, as there; SDXL's VAE (force_upcast) is upcast anyway.")
+    max_sequence_length: int = option(
+        77, "SD3: T5 tokens per prompt, in training and in validation samples (train_controlnet_sd3.py's default "
+        "77; SD3's pipeline samples with 256 by default, a longer prompt than 77 tokens is cut).")
     # --- output and checkpoints -------------------------------------------------------------------------------
     output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
     seed: int | None = option(None, "Seed for reproducible training (weights init, data order, noise).")
@@ -310,8 +323,21 @@ class TrainConfig:
         "T2I-Adapter's, biased to high noise where the layout is decided. logit_normal: SD3's, sigmoid of "
         "N(--logit_mean, --logit_std). Measured on the demo task in bench/RESULTS.md.", choices=["uniform", "cubic",
                                                                                                 "logit_normal"])
-    logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling logit_normal.")
-    logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling logit_normal.")
+    logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling (or SD3's --weighting_scheme) "
+                               "logit_normal.")
+    logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling (or SD3's "
+                              "--weighting_scheme) logit_normal.")
+    weighting_scheme: str = option(
+        "logit_normal", "SD3 (flow matching): the density of the training noise levels and the loss weight, as "
+        "train_controlnet_sd3.py (whose default this is). logit_normal: sigmoid of N(--logit_mean, --logit_std), "
+        "weight 1; mode: --mode_scale's density, weight 1; cosmap and sigma_sqrt: uniform, weighted 2/(pi(1-2s+2s^2)) "
+        "and s^-2; none: uniform, weight 1. DDPM bases use --timestep_sampling instead.",
+        choices=["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"])
+    mode_scale: float = option(1.29, "Scale of --weighting_scheme mode (train_controlnet_sd3.py's default 1.29).")
+    precondition_outputs: bool = option(
+        True, "SD3: EDM's preconditioning of the output, x = noisy - sigma * prediction, against the clean latents "
+        "(train_controlnet_sd3.py's default, --precondition_outputs 1): each sample's loss weighted sigma^2 more "
+        "than the plain velocity loss. 'false': the velocity target noise - latents.")
     snr_gamma: float | None = option(
         None, "Min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 recommended: each sample's loss times "
         "min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction), as diffusers' scripts. Unset: "
@@ -404,6 +430,11 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--ema_decay {cfg.ema_decay}: must be between 0 and 1 (e.g. 0.9999)")
     if cfg.logit_std <= 0:
         raise UserError(f"--logit_std {cfg.logit_std}: must be positive")
+    if cfg.num_layers < 1:
+        raise UserError(f"--num_layers {cfg.num_layers}: must be at least 1 (12 is diffusers' default)")
+    if cfg.max_sequence_length < 1:
+        raise UserError(f"--max_sequence_length {cfg.max_sequence_length}: must be at least 1 (77 is "
+                        "train_controlnet_sd3.py's default)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
     if cfg.random_crop and cfg.cache in ("on", "only"):  # auto falls back to live encoding (train/setup.py)
