@@ -239,6 +239,13 @@ class TrainConfig:
     max_sequence_length: int = option(
         77, "SD3: T5 tokens per prompt, in training and in validation samples (train_controlnet_sd3.py's default "
         "77; SD3's pipeline samples with 256 by default, a longer prompt than 77 tokens is cut).")
+    save_weight_dtype: str = option(
+        "fp32", "Precision of the final ControlNet in output_dir (train_controlnet_flux.py's flag and default): fp16 "
+        "or bf16 halve the file. Written under the plain file name, so every loader finds it without a variant; "
+        "checkpoints keep float32.", choices=["fp32", "fp16", "bf16"])
+    enable_model_cpu_offload: bool = option(
+        False, "Validation samples with diffusers' model CPU offload (as train_controlnet_flux.py): each model goes to "
+        "the GPU only while it runs. Needs a GPU; off by default.")
     # --- output and checkpoints -------------------------------------------------------------------------------
     output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
     seed: int | None = option(None, "Seed for reproducible training (weights init, data order, noise).")
@@ -313,6 +320,10 @@ class TrainConfig:
     lr_num_cycles: int = option(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
     use_8bit_adam: bool = option(False, "8-bit AdamW from bitsandbytes (CUDA only): less optimizer memory.")
+    use_adafactor: bool = option(
+        False, "Adafactor (transformers') instead of AdamW, as train_controlnet_flux.py: a factored second moment, "
+        "much less optimizer memory, with its options as there (fixed --learning_rate, no relative step or parameter "
+        "scaling, --adam_weight_decay). Off by default: AdamW is the paper's and diffusers'.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.")

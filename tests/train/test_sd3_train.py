@@ -6,6 +6,7 @@ import json
 import shlex
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -95,3 +96,34 @@ def test_sd3_step_feeds_the_controlnet_the_conditions_latents(tiny_sd3_base, tin
     assert losses_[0] == losses_[1] and np.isfinite(losses_[0])
     assert seen["cond"].shape == (2, 16, 8, 8) and len(seen["res"]) == 1
     t.accelerator.end_training()
+
+
+def test_flux_script_memory_flags_adafactor_save_dtype_and_cpu_offload(tiny_sd3_base, tiny_dataset, tmp_path):
+    from transformers import Adafactor
+
+    from tests.train.helpers import tiny_config
+    from zeroconv.errors import UserError
+    from zeroconv.train.finish import save_controlnet
+    from zeroconv.train.preflight import check_optional_packages
+    from zeroconv.train.setup import make_optimizer
+
+    param = torch.nn.Parameter(torch.ones(3))
+    cfg = tiny_config(tiny_sd3_base, tiny_dataset, tmp_path, use_adafactor=True, learning_rate=1e-3)
+    optimizer = make_optimizer(cfg, [param], [], 1.0)
+    assert isinstance(optimizer, Adafactor)
+    assert optimizer.defaults["lr"] == 1e-3 and not optimizer.defaults["relative_step"]
+    assert not optimizer.defaults["scale_parameter"] and optimizer.defaults["weight_decay"] == 1e-2
+
+    from diffusers import SD3ControlNetModel
+
+    from zeroconv.models.base import load_base
+
+    base = load_base(str(tiny_sd3_base))
+    controlnet = base.family.build_controlnet(base, num_layers=1)
+    save_controlnet(controlnet, tmp_path / "half", torch.float16)
+    assert SD3ControlNetModel.from_pretrained(tmp_path / "half").dtype == torch.float16
+    assert controlnet.dtype == torch.float32  # the live weights are untouched
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--enable_model_cpu_offload .*no GPU here.*drop the flag"):
+            check_optional_packages(tiny_config(tiny_sd3_base, tiny_dataset, tmp_path, enable_model_cpu_offload=True))

@@ -179,6 +179,11 @@ def make_optimizer(cfg: TrainConfig, controlnet_params: list, decoder_params: li
     groups = [{"params": controlnet_params, "lr": cfg.learning_rate * lr_scale}]
     if decoder_params:
         groups.append({"params": decoder_params, "lr": cfg.decoder_learning_rate * lr_scale})
+    if cfg.use_adafactor:  # train_controlnet_flux.py's settings: a fixed learning rate, no parameter scaling
+        from transformers import Adafactor
+
+        return Adafactor(groups, lr=cfg.learning_rate * lr_scale, scale_parameter=False, relative_step=False,
+                         weight_decay=cfg.adam_weight_decay)
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb
