@@ -260,6 +260,7 @@ def make_image_dataset(out_dir: str | Path, n: int = 8, size: int = 64, layout: 
     """Write `n` (image, condition, caption) triples of colored squares in one of the supported layouts.
 
     layout: "imagefolder" (metadata.jsonl), "fill50k" (prompt.json), "kohya" (images/ + conditioning/ + .txt)."""
+    import json
 
     import numpy as np
     from PIL import Image
