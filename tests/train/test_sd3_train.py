@@ -13,7 +13,8 @@ from PIL import Image
 from tests.train.helpers import controlnet_weights, losses, run_training
 
 # train_controlnet_sd3.py's flags, as its README runs them, at the tiny base's size. Every one is zeroconv's too;
-# --num_layers (SD3ControlNetModel.from_transformer's argument, 12 by default) keeps the tiny ControlNet at 1 block.
+# zeroconv-only: --num_layers (from_transformer's argument, 12 by default: the tiny base has 2 blocks, so 1),
+# --validation_inference_steps, --latent_cache_dir, --logging_steps (every step logged, for the loss comparison).
 SD3_SCRIPT_FLAGS = (
     "--pretrained_model_name_or_path={base} --train_data_dir={data} --output_dir={out} --resolution=64 "
     "--learning_rate=1e-4 --train_batch_size=2 --gradient_accumulation_steps=1 --max_train_steps={steps} "
@@ -21,7 +22,8 @@ SD3_SCRIPT_FLAGS = (
     "--weighting_scheme=logit_normal --logit_mean=0.0 --logit_std=1.0 --mode_scale=1.29 --precondition_outputs=1 "
     "--max_sequence_length=77 --num_extra_conditioning_channels=0 --proportion_empty_prompts=0.5 --upcast_vae "
     "--validation_prompt='a red square' --validation_image={condition} --num_validation_images=1 "
-    "--validation_steps=4 --report_to=none --num_layers=1 --validation_inference_steps=2 --latent_cache_dir={cache}"
+    "--validation_steps=4 --report_to=none --num_layers=1 --validation_inference_steps=2 --latent_cache_dir={cache} "
+    "--logging_steps=1"
 )
 
 
