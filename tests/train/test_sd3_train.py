@@ -12,8 +12,8 @@ from PIL import Image
 
 from tests.train.helpers import controlnet_weights, losses, run_training
 
-# train_controlnet_sd3.py's flags, as its README runs them, at the tiny base's size. Every one is zeroconv's too;
-# zeroconv-only: --num_layers (from_transformer's argument, 12 by default: the tiny base has 2 blocks, so 1),
+# train_controlnet_sd3.py's flags (names and meanings as there) at the tiny base's size, and four
+# zeroconv-only ones: --num_layers (from_transformer's argument, 12 by default: the tiny base has 2 blocks, so 1),
 # --validation_inference_steps, --latent_cache_dir, --logging_steps (every step logged, for the loss comparison).
 SD3_SCRIPT_FLAGS = (
     "--pretrained_model_name_or_path={base} --train_data_dir={data} --output_dir={out} --resolution=64 "
@@ -123,7 +123,10 @@ def test_flux_script_memory_flags_adafactor_save_dtype_and_cpu_offload(tiny_sd3_
     base = load_base(str(tiny_sd3_base))
     controlnet = base.family.build_controlnet(base, num_layers=1)
     save_controlnet(controlnet, tmp_path / "half", torch.float16)
-    assert SD3ControlNetModel.from_pretrained(tmp_path / "half").dtype == torch.float16
+    saved = controlnet_weights(tmp_path / "half")  # the file's tensors: from_pretrained would load them as float32
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float16}
+    assert torch.equal(saved["pos_embed.proj.weight"], controlnet.pos_embed.proj.weight.half())
+    assert SD3ControlNetModel.from_pretrained(tmp_path / "half").config.num_layers == 1
     assert controlnet.dtype == torch.float32  # the live weights are untouched
 
     if not torch.cuda.is_available():
