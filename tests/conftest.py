@@ -41,6 +41,20 @@ def tiny_sdxl_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_base(tmp_path_factory):
+    from zeroconv.testing import make_tiny_sd3_base
+
+    return make_tiny_sd3_base(tmp_path_factory.mktemp("tiny_sd3_base"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_base_without_t5(tmp_path_factory):
+    from zeroconv.testing import make_tiny_sd3_base
+
+    return make_tiny_sd3_base(tmp_path_factory.mktemp("tiny_sd3_base_no_t5"), t5=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     from zeroconv.testing import make_image_dataset
 

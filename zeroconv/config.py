@@ -229,7 +229,7 @@ CONDITION_ENCODER_INITS = ("paper", "unit_variance")
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
-        None, "Base SD 1.x/2.x or SDXL model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
+        None, "Base SD 1.x/2.x, SDXL or SD3 model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
         "'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
@@ -257,6 +257,26 @@ class TrainConfig:
         "(the default init weakens it 30-60x), so the hint path learns from the first steps (on the toy Fill "
         "demo control appears at step 50 instead of 250). Either way the last conv is zero and the untrained "
         "ControlNet changes nothing.", choices=list(CONDITION_ENCODER_INITS))
+    num_layers: int = option(
+        12, "SD3: joint blocks of the ControlNet, copied from the base transformer's first ones (diffusers' "
+        "SD3ControlNetModel.from_transformer default, which train_controlnet_sd3.py uses). SD and SDXL copy the "
+        "whole UNet encoder and do not read it.")
+    num_extra_conditioning_channels: int = option(
+        0, "SD3: condition channels beyond the VAE latents' (an inpainting ControlNet's mask), as "
+        "train_controlnet_sd3.py; 0, its default, is all zeroconv's data supplies.")
+    upcast_vae: bool = option(
+        False, "Run the VAE in float32 whatever --mixed_precision (as train_controlnet_sd3.py): a half-precision "
+        "VAE can overflow into NaN latents. Off by default, as there; SDXL's VAE (force_upcast) is upcast anyway.")
+    max_sequence_length: int = option(
+        77, "SD3: T5 tokens per prompt, in training and in validation samples (train_controlnet_sd3.py's default "
+        "77; SD3's pipeline samples with 256 by default, a longer prompt than 77 tokens is cut).")
+    save_weight_dtype: str = option(
+        "fp32", "Precision of the final ControlNet in output_dir (train_controlnet_flux.py's flag and default): fp16 "
+        "or bf16 halve the file. Written under the plain file name, so every loader finds it without a variant; "
+        "checkpoints keep float32.", choices=["fp32", "fp16", "bf16"])
+    enable_model_cpu_offload: bool = option(
+        False, "Validation samples with diffusers' model CPU offload (as train_controlnet_flux.py): each model goes to "
+        "the GPU only while it runs. Needs a GPU; off by default.")
     # --- output and checkpoints -------------------------------------------------------------------------------
     output_dir: str = option("controlnet-model", "Where the model, checkpoints, validation grids and logs go.")
     seed: int | None = option(None, "Seed for reproducible training (weights init, data order, noise).")
@@ -341,20 +361,38 @@ class TrainConfig:
     lr_num_cycles: int = option(1, "Hard restarts of cosine_with_restarts.")
     lr_power: float = option(1.0, "Power of the polynomial schedule.")
     use_8bit_adam: bool = option(False, "8-bit AdamW from bitsandbytes (CUDA only): less optimizer memory.")
+    use_adafactor: bool = option(
+        False, "Adafactor (transformers') instead of AdamW, as train_controlnet_flux.py: a factored second moment, "
+        "much less optimizer memory, with its options as there (fixed --learning_rate, no relative step or parameter "
+        "scaling, --adam_weight_decay). Off by default: AdamW is the paper's and diffusers'.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value.")
-    timestep_sampling: str = option(
-        "cubic", "Density of the training timesteps. cubic (default): t = (1 - u^3) T, T2I-Adapter's, half the draws "
-        "above 0.875 T where the layout is decided and a structure condition has the most to say; on the Fill race "
-        "(3 seeds, bench/RESULTS.md) it took fill IoU at step 200 from 0.671 to 0.811 and never lost at 400/800, and "
-        "on canny it gained most sampled without a prompt (edge F1 0.613 vs 0.298 at 400). uniform: the paper's and "
-        "diffusers' (the textbook step). logit_normal: SD3's, sigmoid of N(--logit_mean, --logit_std).",
-        choices=["uniform", "cubic", "logit_normal"])
-    logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling logit_normal.")
-    logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling logit_normal.")
+    timestep_sampling: str | None = option(
+        None, "Density of the training timesteps of a DDPM base (SD 1.x/2.x, SDXL). Unset: cubic, zeroconv's default "
+        "for them (flow-matching bases such as SD3 draw by --weighting_scheme instead). cubic: t = (1 - u^3) T, "
+        "T2I-Adapter's, half the draws above 0.875 T where the layout is decided and a structure condition has the "
+        "most to say; on the Fill race (3 seeds, bench/RESULTS.md) it took fill IoU at step 200 from 0.671 to 0.811 "
+        "and never lost at 400/800, and on canny it gained most sampled without a prompt (edge F1 0.613 vs 0.298 at "
+        "400). uniform: the paper's and diffusers' (the textbook step). logit_normal: SD3's, sigmoid of "
+        "N(--logit_mean, --logit_std).", choices=["uniform", "cubic", "logit_normal"])
+    logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling (or SD3's --weighting_scheme) "
+                               "logit_normal.")
+    logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling (or SD3's "
+                              "--weighting_scheme) logit_normal.")
+    weighting_scheme: str = option(
+        "logit_normal", "SD3 (flow matching): the density of the training noise levels and the loss weight, as "
+        "train_controlnet_sd3.py (whose default this is). logit_normal: sigmoid of N(--logit_mean, --logit_std), "
+        "weight 1; mode: --mode_scale's density, weight 1; cosmap and sigma_sqrt: uniform, weighted 2/(pi(1-2s+2s^2)) "
+        "and s^-2; none: uniform, weight 1. DDPM bases use --timestep_sampling instead.",
+        choices=["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"])
+    mode_scale: float = option(1.29, "Scale of --weighting_scheme mode (train_controlnet_sd3.py's default 1.29).")
+    precondition_outputs: bool = option(
+        True, "SD3: EDM's preconditioning of the output, x = noisy - sigma * prediction, against the clean latents "
+        "(train_controlnet_sd3.py's default, --precondition_outputs 1): each sample's loss weighted sigma^2 more "
+        "than the plain velocity loss. 'false': the velocity target noise - latents.")
     snr_gamma: float | None = option(
         None, "Min-SNR loss weighting (Hang et al. 2023) with this gamma, 5.0 recommended: each sample's loss times "
         "min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction), as diffusers' scripts. Unset: "
@@ -447,6 +485,11 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--ema_decay {cfg.ema_decay}: must be between 0 and 1 (e.g. 0.9999)")
     if cfg.logit_std <= 0:
         raise UserError(f"--logit_std {cfg.logit_std}: must be positive")
+    if cfg.num_layers < 1:
+        raise UserError(f"--num_layers {cfg.num_layers}: must be at least 1 (12 is diffusers' default)")
+    if cfg.max_sequence_length < 1:
+        raise UserError(f"--max_sequence_length {cfg.max_sequence_length}: must be at least 1 (77 is "
+                        "train_controlnet_sd3.py's default)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
     if cfg.random_crop and cfg.cache in ("on", "only"):  # auto falls back to live encoding (train/setup.py)

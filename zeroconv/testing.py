@@ -3,7 +3,9 @@
 `make_tiny_base(dir, prediction_type="epsilon"|"v_prediction", flavor="sd15"|"sd21")` writes
 unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json; StableDiffusionPipeline
 .from_pretrained(dir) loads it. `make_tiny_sdxl_base(dir)` writes an SDXL one (two text encoders and
-tokenizers, a "text_time" UNet) that StableDiffusionXLPipeline loads. The shapes follow SD (4 latent channels, VAE downsampling 8x, cross
+tokenizers, a "text_time" UNet) that StableDiffusionXLPipeline loads; `make_tiny_sd3_base(dir, t5=True)` an SD3 one
+(CLIP-L, CLIP-G, optionally T5, a 16-channel VAE with a shift, an SD3Transformer2DModel, a flow-matching scheduler)
+that StableDiffusion3Pipeline loads. The shapes follow SD (4 latent channels, VAE downsampling 8x, cross
 attention on a CLIP text encoder), only narrow: the code paths are SD's, the cost is not.
 """
 
@@ -170,6 +172,85 @@ def make_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
         unet=tiny_sdxl_unet(),
         scheduler=scheduler,
         add_watermarker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_t5_tokenizer(out_dir: str | Path, words: list[str] = TINY_WORDS):
+    """A T5TokenizerFast generated offline: a unigram model whose pieces are "▁word" for `words`, "▁", and
+    single characters (so any lowercase text tokenizes), ids pad 0, </s> 1, <unk> 2 as T5's; the tokenizer appends
+    </s> as T5's does. Saved as tokenizer.json (no sentencepiece model needed)."""
+    from string import ascii_lowercase, digits
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    pieces += [("▁", -2.0)] + [(c, -5.0) for c in ascii_lowercase + digits + ".,"]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(out_dir)
+    return T5TokenizerFast.from_pretrained(out_dir)
+
+
+def tiny_sd3_vae():
+    """SD3's VAE shape, narrow: 16 latent channels, no quant convs, SD3's shift and scale, 8x downsampling."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 16, 16),
+                         layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=64,
+                         shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_sd3_transformer(sample_size: int = 8):
+    """SD3's transformer, narrow: patch 2 on the 16-channel latents, 2 joint blocks of 4 heads x 8, text of
+    64 channels (the CLIPs' 32 + 32 side by side, T5's width), pooled 32 + 32; positions for up to 128 px."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=16, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                 caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                                 pos_embed_max_size=16)
+
+
+def make_tiny_sd3_base(out_dir: str | Path, t5: bool = True, seed: int = 0) -> Path:
+    """Write a complete tiny SD3 base (diffusers layout: tokenizer(_2, _3), text_encoder(_2, _3), vae, transformer,
+    scheduler) to `out_dir`; without `t5`, no text_encoder_3/tokenizer_3 (SD3's pipeline then uses zero T5
+    embeddings). StableDiffusion3Pipeline and StableDiffusion3ControlNetPipeline load it offline (without T5 given
+    text_encoder_3=None, tokenizer_3=None, as diffusers documents for SD3 without T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from zeroconv.models.tokenizer import write_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(out_dir / "tokenizer", TINY_WORDS)
+    tokenizer_2 = write_clip_tokenizer(out_dir / "tokenizer_2", TINY_WORDS)
+    ids = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    tokenizer_3 = text_encoder_3 = None
+    if t5:
+        tokenizer_3 = write_t5_tokenizer(out_dir / "tokenizer_3")
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=128, d_kv=16,
+                                                 num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3's
+        vae=tiny_sd3_vae(),
+        text_encoder=tiny_text_encoder_2(*ids),  # CLIP-L with its projection, as SD3 ships it
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_text_encoder_2(*ids),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(out_dir)
     return out_dir

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "zeroconv"
 
 def test_sd_base_folder_is_the_sd_family(tiny_base):
     assert detect(str(tiny_base)).name == "sd"
-    assert get_family("sd").name == "sd" and list(FAMILIES) == ["sd", "sdxl"]
+    assert get_family("sd").name == "sd" and list(FAMILIES) == ["sd", "sdxl", "sd3"]
 
 
 def test_folder_without_model_index_is_read_from_its_unet_config(tmp_path):

@@ -59,3 +59,12 @@ def test_min_snr_weights_equal_diffusers_training_scripts(prediction_type):
     assert torch.allclose(weights, expected, rtol=1e-6, atol=0)
     assert float(weights[0]) < 0.01 and float(weights[-1]) == pytest.approx(1.0 if prediction_type == "epsilon"
                                                                            else float(snr[-1] / (snr[-1] + 1)))
+
+
+def test_an_unset_density_is_the_ddpm_default_cubic():
+    from zeroconv.config import TrainConfig
+
+    assert TrainConfig().timestep_sampling is None  # unset: the family decides (SD3 draws by --weighting_scheme)
+    unset = draw_timesteps(NoiseRecipe(None), 64, T, torch.Generator().manual_seed(5), "cpu")
+    cubic = draw_timesteps(NoiseRecipe("cubic"), 64, T, torch.Generator().manual_seed(5), "cpu")
+    assert torch.equal(unset, cubic)

@@ -43,8 +43,9 @@ CACHE_FORMAT = 2  # 2: prompt encodings as a dict of named tensors, per-sample s
 # Bump when PairedTransform's geometry or conversions change: old caches then stop matching.
 TRANSFORM_VERSION = "fit-bilinear-center-crop/flip-after-fit/image[-1,1]/condition-uint8/v1"
 SHARD_BYTES = 256 * 2**20
-# The frozen parts whose configs and files decide what the encoders make (the second text encoder: SDXL's).
-BASE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The frozen parts whose configs and files decide what the encoders make (the second text encoder: SDXL's and
+# SD3's; the third, T5: SD3's).
+BASE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def default_cache_root() -> Path:
@@ -64,7 +65,9 @@ def base_identity(location: str, revision: str | None, base, vae: str | None = N
     """What makes the frozen encoders' outputs: the base's location (a resolved path, or a hub id), its component
     configs and weight files; and those of `vae` (--pretrained_vae_model_name_or_path) when it replaces the base's."""
     path = Path(location)
-    identity: dict = {"name": str(path.resolve()) if path.exists() else location, "revision": revision}
+    identity: dict = {"name": str(path.resolve()) if path.exists() else location, "revision": revision,
+                      # the encodings' shapes: SD3's T5 length is a run option (--max_sequence_length)
+                      "prompt_shape": base.family.prompt_shape(base)}
     if vae is not None:
         vae_path = Path(vae)
         identity["vae"] = str(vae_path.resolve()) if vae_path.exists() else vae
@@ -79,7 +82,8 @@ def base_identity(location: str, revision: str | None, base, vae: str | None = N
     if path.is_file():
         identity["files"] = [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
     elif path.is_dir():
-        identity["files"] = {part: file_stats(path / part) for part in (*BASE_PARTS, "tokenizer", "tokenizer_2")
+        identity["files"] = {part: file_stats(path / part) for part in (*BASE_PARTS, "tokenizer", "tokenizer_2",
+                                                                         "tokenizer_3")
                              if (path / part).is_dir()}
     return json.loads(json.dumps(identity, default=str))
 

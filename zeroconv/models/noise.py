@@ -12,6 +12,12 @@ for every DDPM base (SD 1.x/2.x, SDXL). The densities:
 Min-SNR weighting (Hang et al. 2023, `--snr_gamma`): each sample's loss is weighted min(SNR(t), gamma) / SNR(t) for
 an epsilon target and min(SNR(t), gamma) / (SNR(t) + 1) for a velocity target, as diffusers' training scripts do,
 so the nearly-clean timesteps (huge SNR, easy, uninformative) stop dominating the gradient.
+
+Flow matching (SD3, Flux: `--weighting_scheme`, as diffusers' train_controlnet_sd3.py) draws a fraction u from the
+scheme's density (diffusers.training_utils.compute_density_for_timestep_sampling: logit_normal, mode with
+--mode_scale, else uniform), takes the scheduler's training sigma at index u * T, and weights each sample's loss by
+compute_loss_weighting_for_sd3 (sigma_sqrt: sigma^-2, cosmap: 2 / (pi (1 - 2 sigma + 2 sigma^2)), else 1). The
+DDPM fields above are not read there, nor these by DDPM bases.
 """
 
 from __future__ import annotations
@@ -21,34 +27,43 @@ from dataclasses import dataclass
 import torch
 
 TIMESTEP_SAMPLINGS = ("uniform", "cubic", "logit_normal")
+# what `zeroconv train` draws for a DDPM base when --timestep_sampling is unset (measured: bench/RESULTS.md)
+DDPM_DEFAULT_SAMPLING = "cubic"
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 
 
 @dataclass(frozen=True)
 class NoiseRecipe:
-    """The noise-level knobs of a run (from TrainConfig, whose default density is cubic); these defaults are the
-    paper's, so a family called without a recipe takes the textbook step."""
+    """The noise-level knobs of a run (from TrainConfig). These defaults are the paper's, so a family called without
+    a recipe takes the textbook step; a run's unset --timestep_sampling arrives as None (cubic for a DDPM base)."""
 
-    timestep_sampling: str = "uniform"
+    timestep_sampling: str | None = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     snr_gamma: float | None = None
+    # flow matching only (SD3, Flux); the defaults are diffusers' train_controlnet_sd3.py's
+    weighting_scheme: str = "logit_normal"
+    mode_scale: float = 1.29
+    precondition_outputs: bool = True
 
 
 def draw_timesteps(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
                    device) -> torch.Tensor:
-    """Integer timesteps in [0, num_train_timesteps), one per sample, from the recipe's density."""
-    if recipe.timestep_sampling == "uniform":
+    """Integer timesteps in [0, num_train_timesteps), one per sample, from the recipe's density (None: cubic, the
+    DDPM default of `zeroconv train`)."""
+    sampling = recipe.timestep_sampling or DDPM_DEFAULT_SAMPLING
+    if sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
-    if recipe.timestep_sampling == "cubic":
+    if sampling == "cubic":
         u = torch.rand((batch_size,), generator=generator, device=device)
         fraction = 1.0 - u ** 3
-    elif recipe.timestep_sampling == "logit_normal":
+    elif sampling == "logit_normal":
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         fraction = compute_density_for_timestep_sampling("logit_normal", batch_size, recipe.logit_mean,
                                                          recipe.logit_std, device=device, generator=generator)
     else:
-        raise ValueError(f"unknown timestep sampling {recipe.timestep_sampling!r}; one of {TIMESTEP_SAMPLINGS}")
+        raise ValueError(f"unknown timestep sampling {sampling!r}; one of {TIMESTEP_SAMPLINGS}")
     return (fraction * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
@@ -61,3 +76,30 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr
+
+
+def draw_flow_indices(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+                      device) -> torch.Tensor:
+    """Indices into a FlowMatchEulerDiscreteScheduler's training schedule, one per sample, from the density of
+    --weighting_scheme: u from diffusers' compute_density_for_timestep_sampling, then (u * T).long() as the SD3
+    script does (its timesteps run from high noise to low, so u near 1 is nearly clean)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(recipe.weighting_scheme, batch_size, recipe.logit_mean,
+                                              recipe.logit_std, recipe.mode_scale, device=device, generator=generator)
+    return (u * num_train_timesteps).long()
+
+
+def flow_loss_weights(recipe: NoiseRecipe, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights of a flow-matching step, for a velocity target (noise - latents).
+
+    diffusers' compute_loss_weighting_for_sd3 for the scheme; with --precondition_outputs (EDM's, the SD3 script's
+    default) also sigma^2: the script's preconditioned loss w (noisy - sigma pred - latents)^2 is
+    w sigma^2 (pred - (noise - latents))^2, since noisy - latents = sigma (noise - latents). The prediction thus
+    stays a velocity for every caller (the consistency reward's one-step estimate reads it as one)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    weights = compute_loss_weighting_for_sd3(recipe.weighting_scheme, sigmas).float()
+    if recipe.precondition_outputs:
+        weights = weights * sigmas.float() ** 2
+    return weights

@@ -23,6 +23,11 @@ class Base:
     family: Family
     tokenizer_2: object = None  # SDXL's second text encoder (OpenCLIP ViT-bigG) and its tokenizer
     text_encoder_2: object = None
+    tokenizer_3: object = None  # SD3's T5 and its tokenizer (None: a base saved without them)
+    text_encoder_3: object = None
+    # run options the family reads (zeroconv.train.setup.load_frozen_base sets them from TrainConfig)
+    max_sequence_length: int = 77  # T5 tokens of a prompt (--max_sequence_length; SD and SDXL have no T5)
+    upcast_vae: bool = False  # --upcast_vae: the VAE runs in float32 whatever the training dtype
 
     @property
     def vae_scale_factor(self) -> int:

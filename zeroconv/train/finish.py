@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from zeroconv.card import write_model_card
 from zeroconv.evaluate.curve import curves_from_rows, format_table, summarize
 from zeroconv.hub import DECODER_FOLDER, RAW_FOLDER
@@ -17,6 +19,18 @@ if TYPE_CHECKING:
     from zeroconv.train.run import TrainingRun
 
 
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_controlnet(controlnet, folder: Path, dtype: torch.dtype) -> None:
+    """--save_weight_dtype: a cast copy is saved, so the live (float32) weights stay exact for what follows."""
+    if dtype != torch.float32:
+        import copy
+
+        controlnet = copy.deepcopy(controlnet).to(dtype)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+
+
 def save_final(run: TrainingRun) -> Path:
     """The trained ControlNet in diffusers layout in output_dir (with --use_ema its average, the trained weights in
     output_dir/without_ema), and the trained decoder as a full UNet."""
@@ -24,12 +38,13 @@ def save_final(run: TrainingRun) -> Path:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         controlnet = run.accelerator.unwrap_model(run.controlnet)
+        dtype = SAVE_DTYPES[run.cfg.save_weight_dtype]
         if run.ema is not None:  # output_dir holds the average, the model users load; the trained weights beside it
-            controlnet.save_pretrained(out / RAW_FOLDER, safe_serialization=True)
+            save_controlnet(controlnet, out / RAW_FOLDER, dtype)
             with run.ema.applied():
-                controlnet.save_pretrained(out, safe_serialization=True)
+                save_controlnet(controlnet, out, dtype)
         else:
-            controlnet.save_pretrained(out, safe_serialization=True)
+            save_controlnet(controlnet, out, dtype)
         if not run.cfg.sd_locked:
             run.accelerator.unwrap_model(run.unet).save_pretrained(out / DECODER_FOLDER, safe_serialization=True)
         summary = {"global_step": run.state.global_step, "skipped_samples": run.state.skipped_samples,

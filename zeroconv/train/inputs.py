@@ -11,18 +11,7 @@ from __future__ import annotations
 import torch
 
 from zeroconv.data.dataset import micro_conditioning  # noqa: F401 - the loop imports it here
-
-
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float,
-                   shift_factor: float | None = None) -> torch.Tensor:
-    """A fresh sample of the VAE posterior, exactly as DiagonalGaussianDistribution.sample draws it."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    latents = mean + std * noise
-    if shift_factor is not None:
-        latents = latents - shift_factor
-    return latents * scaling_factor
+from zeroconv.models.latents import encode_latents, sample_latents
 
 
 def drop_captions(prompts: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], proportion: float,
@@ -53,14 +42,9 @@ class LiveEncoders:
         encoded = self.base.family.encode_prompts(self.base, captions, self.device)
         return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
-    @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         # the VAE's own dtype: a family may keep it in float32 under mixed precision (SDXL's force_upcast)
-        pixels = batch["pixel_values"].to(self.device, self.vae.dtype, non_blocking=True)
-        posterior = self.vae.encode(pixels).latent_dist
-        config = self.vae.config
-        return sample_latents(posterior.mean, posterior.std, generator, config.scaling_factor,
-                              getattr(config, "shift_factor", None))
+        return encode_latents(self.vae, batch["pixel_values"], generator, self.device)
 
     def prompts(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.encode_prompts(batch["caption"])

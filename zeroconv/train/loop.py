@@ -32,8 +32,9 @@ def compute_loss(t, batch) -> torch.Tensor:
                             t.generator)
     micro = micro_conditioning(batch, (t.cfg.crops_coords_top_left_h, t.cfg.crops_coords_top_left_w))
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
+    control = family.encode_condition(t.base, cond, t.generator)  # SD: the pixels; SD3: their VAE latents
     with t.accelerator.autocast():
-        pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, cond, micro.to(t.device),
+        pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, control, micro.to(t.device),
                               only_mid_control=t.cfg.only_mid_control)
     if weights is None:
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")

@@ -52,6 +52,9 @@ def check_optional_packages(cfg: TrainConfig) -> None:
                             "the flag")
         if not torch.cuda.is_available():
             raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag on CPU")
+    if cfg.enable_model_cpu_offload and not torch.cuda.is_available():
+        raise UserError("--enable_model_cpu_offload moves validation's models between a GPU and the CPU; there is "
+                        "no GPU here, so every model is on the CPU already: drop the flag")
     for tracker in tracker_names(cfg.report_to):
         module = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}.get(tracker)
         if module is None:

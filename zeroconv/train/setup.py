@@ -73,9 +73,11 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
 def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base:
     from zeroconv.models.base import load_base
 
-    return load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+    base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
                      cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype,
                      vae=cfg.pretrained_vae_model_name_or_path)
+    base.max_sequence_length, base.upcast_vae = cfg.max_sequence_length, cfg.upcast_vae
+    return base
 
 
 def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
@@ -190,6 +192,11 @@ def make_optimizer(cfg: TrainConfig, controlnet_params: list, decoder_params: li
     groups = [{"params": controlnet_params, "lr": cfg.learning_rate * lr_scale}]
     if decoder_params:
         groups.append({"params": decoder_params, "lr": cfg.decoder_learning_rate * lr_scale})
+    if cfg.use_adafactor:  # train_controlnet_flux.py's settings: a fixed learning rate, no parameter scaling
+        from transformers import Adafactor
+
+        return Adafactor(groups, lr=cfg.learning_rate * lr_scale, scale_parameter=False, relative_step=False,
+                         weight_decay=cfg.adam_weight_decay)
     kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb
@@ -233,6 +240,12 @@ def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
     return identity
 
 
+def noise_recipe(cfg: TrainConfig) -> NoiseRecipe:
+    return NoiseRecipe(cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.snr_gamma,
+                       weighting_scheme=cfg.weighting_scheme, mode_scale=cfg.mode_scale,
+                       precondition_outputs=cfg.precondition_outputs)
+
+
 def tracker_config(cfg: TrainConfig) -> dict:
     """Trackers take scalars only: lists become strings."""
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in to_dict(cfg).items()}
@@ -263,7 +276,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     if cfg.controlnet_model_name_or_path:
         controlnet = family.load_controlnet(cfg.controlnet_model_name_or_path, cache_dir=cfg.cache_dir)
     else:
-        controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init)
+        controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init,
+                                             num_layers=cfg.num_layers,
+                                             num_extra_conditioning_channels=cfg.num_extra_conditioning_channels)
     controlnet.train()
     enable_memory_efficient_attention(cfg, base.unet, controlnet)
     enable_npu_flash_attention(cfg, base.unet, controlnet)
@@ -364,8 +379,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     logger.info("%d examples, %d optimizer steps, effective batch %d", len(dataset), max_train_steps,
                 cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
-                noise_scheduler=base.noise_scheduler, noise_recipe=NoiseRecipe(
-                    cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.snr_gamma), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                noise_scheduler=base.noise_scheduler, noise_recipe=noise_recipe(cfg), optimizer=optimizer, lr_scheduler=lr_scheduler,
                 trainable_params=controlnet_params + decoder_params, ema=ema, consistency=consistency, generator=generator, state=state,
                 batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
                 validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,

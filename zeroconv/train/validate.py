@@ -73,6 +73,8 @@ def _run_validation(t, step: int) -> dict[str, float]:
     t.encoders_to_device()  # a cached run keeps the VAE and text encoder off the device until now
     # the live modules, in the dtypes training holds them in: nothing is copied or cast for a validation
     pipe = t.base.family.pipeline(t.base, controlnet, unet=unet)
+    if cfg.enable_model_cpu_offload:  # each model on the GPU only while it runs; undone below for training
+        pipe.enable_model_cpu_offload(device=t.device)
     metrics: dict[str, float] = {}
     pairs = [(load_condition(path, cfg.resolution, cfg.conditioning_channels, cfg.image_interpolation_mode), prompt)
              for path, prompt in t.validation_pairs]
@@ -97,6 +99,10 @@ def _run_validation(t, step: int) -> dict[str, float]:
             metrics.update({f"validation/{k}": float(np.mean(v)) for k, v in scores.items()})
     if t.evaluator is not None:
         metrics.update(t.evaluator(step, pipe))
+    if cfg.enable_model_cpu_offload:  # the hooks are on the live modules: remove them, and bring those back
+        pipe.remove_all_hooks()
+        for module in (controlnet, unet):
+            module.to(t.device)
     t.encoders_release()
     del pipe
     return metrics

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "sd": "zeroconv.models.families.sd:StableDiffusion",
     "sdxl": "zeroconv.models.families.sdxl:StableDiffusionXL",
+    "sd3": "zeroconv.models.families.sd3:StableDiffusion3",
 }
 
 
@@ -35,17 +36,21 @@ class Family(Protocol):
     pipeline_classes: tuple[str, ...]  # model_index.json _class_name values it loads
     decoder_prefixes: tuple[str, ...]  # the denoiser's parameters --sd_locked false trains
 
-    def matches_unet_config(self, config: dict) -> bool: ...
+    def matches_unet_config(self, config: dict) -> bool: ...  # the denoiser's: unet/ or transformer/config.json
     def matches_keys(self, keys: set[str]) -> bool: ...
     def load_base(self, location: str, name: str, revision: str | None, variant: str | None,
                   cache_dir: str | None, tokenizer_name: str | None, dtype) -> Base: ...
     def frozen_encoders(self, base: Base) -> list: ...
     def vae_dtype(self, base: Base, dtype: torch.dtype) -> torch.dtype: ...
     def prompt_shape(self, base: Base) -> dict[str, tuple[int, ...]]: ...
-    def build_controlnet(self, base: Base, conditioning_channels: int, condition_encoder_init: str): ...
+    # num_layers: a transformer family's ControlNet depth (--num_layers); extra channels: SD3's mask input
+    def build_controlnet(self, base: Base, conditioning_channels: int, condition_encoder_init: str,
+                         num_layers: int | None = None, num_extra_conditioning_channels: int = 0): ...
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None): ...
     # what the denoiser reads of a caption, by name (SD: prompt_embeds); the latent cache stores it per caption
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]: ...
+    # the ControlNet's input from the condition's [0, 1] pixels (SD: the pixels; SD3: their VAE latents)
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
     def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator, recipe: NoiseRecipe | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
     def predicted_clean(self, scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor
@@ -117,10 +122,12 @@ def detect(location: str, name: str | None = None, revision: str | None = None, 
         known = ", ".join(c for f in families() for c in f.pipeline_classes)
         raise UserError(f"{flag} {name}: model_index.json names {class_name}, which no zeroconv model family "
                         f"trains (known: {known}); use a base of one of those pipelines")
-    unet = _read_json(path / "unet" / "config.json") if path.is_dir() else {}
+    # the denoiser's config: a UNet's (SD, SDXL) or a transformer's (SD3)
+    unet = next((config for folder in ("unet", "transformer") if path.is_dir()
+                 for config in [_read_json(path / folder / "config.json")] if config), {})
     for family in families():
         if unet and family.matches_unet_config(unet):
             return family
-    found = unet.get("_class_name") if unet else "no model_index.json and no unet/config.json"
+    found = unet.get("_class_name") if unet else "no model_index.json and no unet/ or transformer/config.json"
     raise UserError(f"{flag} {name}: cannot tell the model family ({found}); expected a diffusers folder of one of "
                     f"{', '.join(f.label for f in families())} (save one with its pipeline's save_pretrained)")

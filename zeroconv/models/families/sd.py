@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from zeroconv.errors import UserError
 from zeroconv.models.controlnet import DECODER_PREFIXES
 from zeroconv.models.parts import Base
 
@@ -65,11 +66,18 @@ class StableDiffusion:
         return [base.vae, base.text_encoder]
 
     def vae_dtype(self, base: Base, dtype: torch.dtype) -> torch.dtype:
-        return dtype
+        return torch.float32 if base.upcast_vae else dtype
 
     # --- the ControlNet -------------------------------------------------------------------------------------
-    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper"):
+    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper",
+                         num_layers: int | None = None, num_extra_conditioning_channels: int = 0):
+        """ControlNetModel.from_unet: a copy of the whole UNet encoder, so `num_layers` (a transformer family's
+        depth) is not read; extra condition channels are --conditioning_channels here."""
         from zeroconv.models.controlnet import build_controlnet
+
+        if num_extra_conditioning_channels:
+            raise UserError(f"--num_extra_conditioning_channels {num_extra_conditioning_channels}: an SD ControlNet "
+                            "reads the condition image's channels; set --conditioning_channels (1, 3 or 4) instead")
 
         return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels, condition_encoder_init)
 
@@ -77,6 +85,11 @@ class StableDiffusion:
         from diffusers import ControlNetModel
 
         return ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
+
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """What the ControlNet reads of the condition image ([0, 1] pixels): the pixels themselves, which its
+        condition encoder brings onto the latent grid. No random draw."""
+        return condition
 
     # --- prompts (the latent cache stores what this returns, per distinct caption) --------------------------
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]:

@@ -83,7 +83,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def vae_dtype(self, base: Base, dtype: torch.dtype) -> torch.dtype:
         # SDXL's VAE overflows in fp16 (force_upcast in its config, as its pipelines read it): encode in float32
-        return torch.float32 if base.vae.config.get("force_upcast", False) else dtype
+        return torch.float32 if base.upcast_vae or base.vae.config.get("force_upcast", False) else dtype
 
     # --- prompts --------------------------------------------------------------------------------------------
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]:
