@@ -371,13 +371,13 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value.")
     timestep_sampling: str | None = option(
-        None, "Density of the training timesteps of a DDPM base (SD 1.x/2.x, SDXL). Unset: cubic, zeroconv's default "
-        "for them (flow-matching bases such as SD3 draw by --weighting_scheme instead). cubic: t = (1 - u^3) T, "
-        "T2I-Adapter's, half the draws above 0.875 T where the layout is decided and a structure condition has the "
-        "most to say; on the Fill race (3 seeds, bench/RESULTS.md) it took fill IoU at step 200 from 0.671 to 0.811 "
-        "and never lost at 400/800, and on canny it gained most sampled without a prompt (edge F1 0.613 vs 0.298 at "
-        "400). uniform: the paper's and diffusers' (the textbook step). logit_normal: SD3's, sigmoid of "
-        "N(--logit_mean, --logit_std).", choices=["uniform", "cubic", "logit_normal"])
+        None, "Density of the training timesteps of a DDPM base (SD 1.x/2.x, SDXL). Unset: uniform, the paper's and "
+        "diffusers' (flow-matching bases such as SD3 draw by --weighting_scheme instead). cubic: t = (1 - u^3) T, "
+        "T2I-Adapter's, half the draws above 0.875 T where the layout is decided: control comes sooner (Fill race, 3 "
+        "seeds: fill IoU 0.811 vs 0.671 at step 200; demo: 0.80 reached at step 150 vs 200) but the low-noise steps "
+        "that refine it are starved (demo at step 800: fill IoU 0.829 vs 0.871, circle color 0.50 vs 0.75), so it "
+        "is not the default (bench/RESULTS.md). logit_normal: SD3's, sigmoid of N(--logit_mean, --logit_std).",
+        choices=["uniform", "cubic", "logit_normal"])
     logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling (or SD3's --weighting_scheme) "
                                "logit_normal.")
     logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling (or SD3's "

@@ -61,10 +61,9 @@ def test_min_snr_weights_equal_diffusers_training_scripts(prediction_type):
                                                                            else float(snr[-1] / (snr[-1] + 1)))
 
 
-def test_an_unset_density_is_the_ddpm_default_cubic():
+def test_an_unset_density_is_the_ddpm_default_uniform():
     from zeroconv.config import TrainConfig
 
     assert TrainConfig().timestep_sampling is None  # unset: the family decides (SD3 draws by --weighting_scheme)
     unset = draw_timesteps(NoiseRecipe(None), 64, T, torch.Generator().manual_seed(5), "cpu")
-    cubic = draw_timesteps(NoiseRecipe("cubic"), 64, T, torch.Generator().manual_seed(5), "cpu")
-    assert torch.equal(unset, cubic)
+    assert torch.equal(unset, torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(5)))

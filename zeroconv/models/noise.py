@@ -27,15 +27,16 @@ from dataclasses import dataclass
 import torch
 
 TIMESTEP_SAMPLINGS = ("uniform", "cubic", "logit_normal")
-# what `zeroconv train` draws for a DDPM base when --timestep_sampling is unset (measured: bench/RESULTS.md)
-DDPM_DEFAULT_SAMPLING = "cubic"
+# what `zeroconv train` draws for a DDPM base when --timestep_sampling is unset: the paper's (cubic learns control
+# sooner but finishes worse on the demo: bench/RESULTS.md)
+DDPM_DEFAULT_SAMPLING = "uniform"
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 
 
 @dataclass(frozen=True)
 class NoiseRecipe:
     """The noise-level knobs of a run (from TrainConfig). These defaults are the paper's, so a family called without
-    a recipe takes the textbook step; a run's unset --timestep_sampling arrives as None (cubic for a DDPM base)."""
+    a recipe takes the textbook step; a run's unset --timestep_sampling arrives as None (uniform for a DDPM base)."""
 
     timestep_sampling: str | None = "uniform"
     logit_mean: float = 0.0
@@ -49,8 +50,8 @@ class NoiseRecipe:
 
 def draw_timesteps(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
                    device) -> torch.Tensor:
-    """Integer timesteps in [0, num_train_timesteps), one per sample, from the recipe's density (None: cubic, the
-    DDPM default of `zeroconv train`)."""
+    """Integer timesteps in [0, num_train_timesteps), one per sample, from the recipe's density (None: the DDPM
+    default of `zeroconv train`, uniform)."""
     sampling = recipe.timestep_sampling or DDPM_DEFAULT_SAMPLING
     if sampling == "uniform":
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
