@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(TrainConfig, argv, prog="zeroconv train",
                 description="Train a ControlNet on a Stable Diffusion 1.x/2.x, SDXL or SD3 base (the family is read "
                 "from the base). Accepts every flag of diffusers' examples/controlnet/train_controlnet.py with the same "
-                "meaning; the _sdxl and _sd3 scripts' own flags too, but for --jsonl_for_train.")
+                "meaning, the _sdxl script's own flags, and most of the _sd3 script's (not yet --jsonl_for_train).")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("accelerate", "diffusers", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
