@@ -31,6 +31,23 @@ def fresh_setup(cfg: TrainConfig):
     return setup(cfg)
 
 
+def train_recording_batches(t) -> list[dict]:
+    """Run the loop of a run built by fresh_setup to its end; returns every batch the loop took, in order."""
+    from zeroconv.train.loop import train_loop
+
+    taken, source = [], t.batches
+
+    def spy():
+        for batch in source:
+            taken.append(batch)
+            yield batch
+
+    t.batches = spy()
+    assert train_loop(t) == 0
+    t.accelerator.end_training()
+    return taken
+
+
 def run_training(cfg: TrainConfig, evaluator=None) -> int:
     from accelerate.state import AcceleratorState, GradientState
 

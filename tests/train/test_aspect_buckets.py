@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.train.helpers import controlnet_weights, fresh_setup, losses, tiny_config
+from tests.train.helpers import controlnet_weights, fresh_setup, losses, tiny_config, train_recording_batches
 
 # (width, height) of the three shapes, and the default bucket each goes to at --resolution 64
 SHAPES = {(96, 64): (80, 56), (64, 96): (56, 80), (64, 64): (64, 64)}
@@ -33,26 +33,15 @@ def three_shapes(folder: Path, per_shape: int = 4) -> Path:
 
 def train_and_watch(cfg):
     """Train as `zeroconv train` does and return (the batches the loop took, the run, the UNet's time_ids)."""
-    from zeroconv.train.loop import train_loop
-
     t = fresh_setup(cfg)
-    batches, time_ids = [], []
+    time_ids = []
 
     def record(_module, _args, kwargs):
         if kwargs.get("added_cond_kwargs"):
             time_ids.append(kwargs["added_cond_kwargs"]["time_ids"].clone())
 
     t.unet.register_forward_pre_hook(record, with_kwargs=True)
-    source = t.batches
-
-    def spy():
-        for batch in source:
-            batches.append(batch)
-            yield batch
-
-    t.batches = spy()
-    assert train_loop(t) == 0
-    t.accelerator.end_training()
+    batches = train_recording_batches(t)
     return batches, t, time_ids
 
 

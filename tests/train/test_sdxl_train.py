@@ -9,31 +9,21 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.train.helpers import controlnet_weights, fresh_setup, losses, run_training, tiny_config
+from tests.train.helpers import (controlnet_weights, fresh_setup, losses, run_training, tiny_config,
+                                 train_recording_batches)
 
 
 def unet_calls(cfg):
     """Per UNet call of a short run: its added_cond_kwargs, hidden states and noisy input; and the batches."""
-    from zeroconv.train.loop import train_loop
-
     t = fresh_setup(cfg)
-    seen, batches = [], []
+    seen = []
 
     def record(_module, args, kwargs):
         seen.append({"noisy": args[0].clone(), "text": kwargs["encoder_hidden_states"].clone(),
                      **{k: v.clone() for k, v in kwargs["added_cond_kwargs"].items()}})
 
     t.unet.register_forward_pre_hook(record, with_kwargs=True)
-    source = t.batches
-
-    def spy():
-        for batch in source:
-            batches.append(batch)
-            yield batch
-
-    t.batches = spy()
-    assert train_loop(t) == 0
-    t.accelerator.end_training()
+    batches = train_recording_batches(t)
     return seen, batches, t
 
 
