@@ -112,11 +112,11 @@ def _unet_file(tmp_path):
 
 def test_export_cli_of_a_decoder_run_writes_full_sd_file(tiny_base, tmp_path, capsys):
     """A --sd_locked false run: ControlNet file, plus trained UNet + base VAE/text encoder + control in one."""
-    from zeroconv.models.init import initial_controlnet
+    from zeroconv.models.controlnet import build_controlnet
 
     run = tmp_path / "run"
     unet = random_weights(UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet"), seed=3)
-    controlnet = random_weights(initial_controlnet(unet, 8))
+    controlnet = random_weights(build_controlnet(unet, 8))
     controlnet.save_pretrained(run)
     unet.save_pretrained(run / "unet_decoder")
     (run / "config.yaml").write_text(f"pretrained_model_name_or_path: {tiny_base}\n")

@@ -1,7 +1,8 @@
 """Sharing a trained ControlNet: `zeroconv export`, `zeroconv import`, `zeroconv push`.
 
 export: a diffusers ControlNet (a folder, or the output_dir of `zeroconv train`) -> one .safetensors in the
-original layout that AUTOMATIC1111 and ComfyUI load (lllyasviel's keys), or a diffusers folder in another
+original layout that AUTOMATIC1111 and ComfyUI load (lllyasviel's keys), one .safetensors with diffusers' keys
+(what `ControlNetModel.from_single_file` loads as it is; ComfyUI reads it too), or a diffusers folder in another
 dtype. The diffusers config rides along in the file's metadata, so `import` restores the folder exactly.
 Tensors are renamed, never copied (only cast when --dtype asks), so exporting costs about one model of memory.
 A run trained with `--sd_locked false` also has its decoder exported: a full UNet folder in diffusers layout,
@@ -23,6 +24,7 @@ from zeroconv.config import option, parse
 from zeroconv.errors import UserError
 from zeroconv.hub import DECODER_FOLDER, check_push_possible, files_to_push, push_folder
 from zeroconv.models.dtypes import DTYPES
+from zeroconv.models.single_file import CONFIG_METADATA, save_aligned
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -89,10 +91,7 @@ def run_base(run: Path) -> str | None:
 def export_original(folder: str | Path, out: str | Path, dtype: torch.dtype | None = None,
                     prefix: str = "control_model.") -> Path:
     """A diffusers ControlNet folder -> one original-layout .safetensors (config in the metadata)."""
-    from safetensors.torch import save_file
-
     from zeroconv.models import formats
-    from zeroconv.models.single_file import CONFIG_METADATA
 
     folder, out = controlnet_folder(folder), Path(out)
     if out.suffix != ".safetensors":
@@ -100,21 +99,45 @@ def export_original(folder: str | Path, out: str | Path, dtype: torch.dtype | No
     config = read_config(folder)
     tensors = formats.controlnet_to_original(load_folder_weights(folder, dtype), config, prefix=prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": "pt", "zeroconv.layout": "original",
-                                           "zeroconv.prefix": prefix, CONFIG_METADATA["controlnet"]: json.dumps(config)})
-    return out
+    return save_aligned(tensors, out, {"format": "pt", "zeroconv.layout": "original", "zeroconv.prefix": prefix,
+                                       CONFIG_METADATA["controlnet"]: json.dumps(config)})
+
+
+def keys_diffusers_drops(file: Path, config: dict) -> list[str]:
+    """The ControlNet keys that diffusers' own reader of the original layout (convert_controlnet_checkpoint, what
+    `from_single_file` runs) does not map: from_single_file would leave them unloaded. Asked of the installed
+    diffusers rather than assumed, so the warning goes away the day diffusers maps them (up to 0.42 it skips the
+    SDXL add-embedding, label_emb.*)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors import safe_open
+
+    from zeroconv.models import formats
+
+    with safe_open(str(file), "pt") as handle:  # names only: the converter renames, it reads no values
+        original = {key: torch.empty(0, device="meta") for key in handle.keys()}
+    converted = convert_controlnet_checkpoint(original, dict(config))
+    return sorted(set(formats.empty_controlnet(config).state_dict()) - set(converted))
+
+
+def export_diffusers_file(folder: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A diffusers ControlNet folder -> one .safetensors with diffusers' key names (config in the metadata), the
+    layout of the diffusers_xl_* files people share: from_single_file loads it without converting a key."""
+    folder, out = controlnet_folder(folder), Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: the single file is written as .safetensors; change the suffix")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_aligned(load_folder_weights(folder, dtype), out, {
+        "format": "pt", "zeroconv.layout": "diffusers", CONFIG_METADATA["controlnet"]: json.dumps(read_config(folder))})
 
 
 def export_diffusers(folder: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """A diffusers model folder copied to `out` (weights cast to `dtype`), without anything else of a run."""
-    from safetensors.torch import save_file
-
     folder, out = Path(folder), Path(out)
     if out.resolve() == folder.resolve():
         raise UserError(f"--out {out}: same folder as the model; choose another")
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(folder / "config.json", out / "config.json")
-    save_file(load_folder_weights(folder, dtype), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_aligned(load_folder_weights(folder, dtype), out / WEIGHTS_NAME, {"format": "pt"})
     return out
 
 
@@ -134,13 +157,17 @@ def export_combined(run: Path, out: Path, base: str, dtype: torch.dtype | None =
 class ExportConfig:
     model: str | None = option(None, "A diffusers ControlNet folder, or the output_dir of `zeroconv train`.")
     format: str = option("original", "original: one .safetensors for AUTOMATIC1111/ComfyUI (lllyasviel's keys); "
-                         "diffusers: a diffusers folder.", choices=["original", "diffusers"])
+                         "diffusers_file: one .safetensors with diffusers' keys, which "
+                         "ControlNetModel.from_single_file loads whole (SDXL's add-embedding too, which diffusers "
+                         "does not read from the original layout) and ComfyUI reads; diffusers: a diffusers folder.",
+                         choices=["original", "diffusers_file", "diffusers"])
     dtype: str | None = option(None, "Cast the weights: fp16 (the usual for sharing), bf16 or fp32 (default: as "
                                "stored).", choices=list(DTYPES))
     prefix: str = option("control_model.", "Key prefix of the original layout ('control_model.' as lllyasviel's "
                          "files; '' for none).")
-    out: str | None = option(None, "Output .safetensors (original) or folder (diffusers). Default: <model>/<name>"
-                             ".safetensors, or <name>-diffusers beside the model.")
+    out: str | None = option(None, "Output .safetensors (original, diffusers_file) or folder (diffusers). Default: "
+                             "<model>/<name>.safetensors (diffusers_file: <name>-diffusers.safetensors), or "
+                             "<name>-diffusers beside the model.")
     base: str | None = option(None, "Base SD model for the full SD + ControlNet file of a run trained with "
                               "--sd_locked false (default: the base recorded in the run's config.yaml).")
     combined: str | None = option(None, "Where to write that full SD + ControlNet file (default: <out>-sd.safetensors).")
@@ -156,6 +183,11 @@ def main(argv: list[str]) -> int:
         out = Path(config.out or run / f"{name}.safetensors")  # inside the run: `push` then shares it too
         export_original(run, out, dtype, config.prefix)
         print(f"ControlNet, original layout -> {out}")
+        dropped = keys_diffusers_drops(out, read_config(run))
+        if dropped:
+            print(f"note: diffusers' from_single_file does not read {len(dropped)} keys of this layout "
+                  f"({', '.join(dropped[:2])}, ...) and would leave them unloaded; for diffusers users also share "
+                  f"`zeroconv export {config.model} --format diffusers_file`")
         if has_decoder:
             base = config.base or run_base(run)
             if not base:
@@ -165,6 +197,10 @@ def main(argv: list[str]) -> int:
             export_combined(run, combined, base, dtype)
             print(f"trained UNet + base VAE/text encoder + ControlNet, original layout -> {combined}")
         write_export_card(run, out.parent, single_file=out.name)
+    elif config.format == "diffusers_file":
+        out = Path(config.out or run / f"{name}-diffusers.safetensors")
+        export_diffusers_file(run, out, dtype)
+        print(f"ControlNet, diffusers keys in one file -> {out}")
     else:
         out = Path(config.out or run.parent / f"{name}-diffusers")
         export_diffusers(run, out, dtype)
@@ -197,7 +233,8 @@ def write_export_card(run: Path, out_dir: Path, single_file: str | None = None) 
 @dataclass
 class ImportConfig:
     file: str | None = option(None, "An original-layout ControlNet .safetensors/.ckpt/.pth (or a full SD + "
-                              "ControlNet file: its control_model.* part is taken).")
+                              "ControlNet file: its control_model.* part is taken), or one with diffusers' keys "
+                              "(`export --format diffusers_file`).")
     out: str | None = option(None, "Folder for the diffusers ControlNet. Required.")
     model_config: str | None = option(None, "A diffusers ControlNet folder or config.json whose config to use (default: "
                                 "the file's metadata, else inferred from the weights' shapes).")
@@ -208,16 +245,18 @@ def import_original(file: str | Path, out: str | Path, config_source: str | None
 
     Keys go through the exact inverse of zeroconv's own mapping (verified against diffusers' converter in the
     tests), which unlike diffusers' also handles condition encoders of other depths than SD's 8x."""
-    from safetensors.torch import save_file
-
     from zeroconv.models import formats
-    from zeroconv.models.single_file import CONFIG_METADATA, read_checkpoint
+    from zeroconv.models.single_file import read_checkpoint
 
     checkpoint, metadata = read_checkpoint(file)
+    diffusers_keys = "controlnet_cond_embedding.conv_in.weight" in checkpoint  # `export --format diffusers_file`
     try:
-        prefix = formats.detect_control_prefix(checkpoint)
+        prefix = "" if diffusers_keys else formats.detect_control_prefix(checkpoint)
     except formats.UnknownKeyError:
         raise UserError(f"{file}: no input_hint_block keys; not an original-layout ControlNet") from None
+    if diffusers_keys and not config_source and CONFIG_METADATA["controlnet"] not in metadata:
+        raise UserError(f"{file}: a ControlNet with diffusers' keys and no config in its metadata; pass "
+                        "--model_config the diffusers ControlNet folder (or config.json) it was saved from")
     if config_source:
         source = Path(config_source)
         source = source / "config.json" if source.is_dir() else source
@@ -230,14 +269,14 @@ def import_original(file: str | Path, out: str | Path, config_source: str | None
         config = formats.infer_controlnet_config(checkpoint, prefix)
     control = {key: value for key, value in checkpoint.items() if key.startswith(prefix)}
     try:
-        tensors = formats.controlnet_from_original(control, config, prefix=prefix)
+        tensors = (formats.controlnet_from_diffusers_keys(control, config) if diffusers_keys
+                   else formats.controlnet_from_original(control, config, prefix=prefix))
     except formats.UnknownKeyError as exc:
         raise UserError(f"{file}: {exc}; pass --model_config a matching diffusers ControlNet folder") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     formats.empty_controlnet(config).save_config(out)
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(out / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    save_aligned(tensors, out / WEIGHTS_NAME, {"format": "pt"})
     return out
 
 

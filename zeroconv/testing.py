@@ -116,8 +116,9 @@ def make_tiny_base(out_dir: str | Path, prediction_type: str = "epsilon", flavor
 
 def tiny_sdxl_unet(sample_size: int = 8):
     """SDXL's UNet shape, narrow: "text_time" add-embedding of 6 size/crop ids (8 channels each) plus the second
-    text encoder's 32-wide pooled embedding, cross-attention on both encoders' 32 + 32 channels, and SDXL's deeper
-    transformer stacks on the coarser level (transformer_layers_per_block 1, 2), as diffusers' own SDXL tests."""
+    text encoder's 40-wide pooled embedding, cross-attention on both encoders' 32 + 48 channels, and SDXL's deeper
+    transformer stacks on the coarser level (transformer_layers_per_block 1, 2), as diffusers' own SDXL tests.
+    The two encoders differ in width as SDXL's do (768, 1280): diffusers tells them apart in a single file by it."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -133,18 +134,20 @@ def tiny_sdxl_unet(sample_size: int = 8):
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=6 * 8 + 40,
+        cross_attention_dim=32 + 48,
         norm_num_groups=8,
     )
 
 
-def tiny_text_encoder_2(vocab_size: int, bos: int, eos: int):
+def tiny_text_encoder_2(vocab_size: int, bos: int, eos: int, hidden_size: int = 32, projection_dim: int = 32):
     """The second text encoder: a CLIPTextModelWithProjection, whose projected embedding SDXL pools."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = tiny_text_encoder(vocab_size, bos, eos).config
-    return CLIPTextModelWithProjection(CLIPTextConfig(**{**config.to_dict(), "projection_dim": 32}))
+    return CLIPTextModelWithProjection(CLIPTextConfig(**{**config.to_dict(), "hidden_size": hidden_size,
+                                                         "intermediate_size": 2 * hidden_size,
+                                                         "projection_dim": projection_dim}))
 
 
 def make_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
@@ -166,7 +169,7 @@ def make_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(),  # force_upcast true, as SDXL's VAE
         text_encoder=tiny_text_encoder(*ids),
-        text_encoder_2=tiny_text_encoder_2(*ids),
+        text_encoder_2=tiny_text_encoder_2(*ids, hidden_size=48, projection_dim=40),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=tiny_sdxl_unet(),
@@ -175,6 +178,64 @@ def make_tiny_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+def make_toy_sdxl_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """The shipped toy base (a trained 64 px denoiser) dressed as SDXL, for checks that need a UNet which denoises:
+    a random tiny SDXL UNet gives a ControlNet nothing to steer, and no condition is learned in CPU minutes.
+
+    The toy UNet's weights in an SDXL UNet config: the "text_time" add-embedding (size/crop ids and the pooled
+    embedding) with a zero output layer, so it adds nothing to the time embedding; cross-attention widened by a
+    second text encoder's 48 channels, whose key/value weights are zero, so the UNet reads the first encoder's
+    states only (SDXL takes their penultimate layer, where the toy was trained on the last). The second encoder is
+    a random CLIP with a 40-wide projection; VAE and tokenizer are the toy's, the scheduler SDXL's Euler config.
+    Everything SDXL adds runs; the denoising is the toy's."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from zeroconv.models.toy_base import toy_base_path
+
+    toy = StableDiffusionPipeline.from_pretrained(toy_base_path())
+    width, extra, pooled, time_dim = toy.text_encoder.config.hidden_size, 48, 40, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({**toy.unet.config, "addition_embed_type": "text_time",
+                                             "addition_time_embed_dim": time_dim, "cross_attention_dim": width + extra,
+                                             "projection_class_embeddings_input_dim": 6 * time_dim + pooled})
+    trained = toy.unet.state_dict()
+    state = unet.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith("add_embedding.linear_2."):
+                value.zero_()
+            elif key.startswith("add_embedding."):
+                continue  # seeded random: its output is multiplied by the zero layer after it
+            elif key.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+                value.zero_()
+                value[:, :width] = trained[key]
+            else:
+                value.copy_(trained[key])
+    unet.load_state_dict(state)
+    bos, eos = toy.tokenizer.bos_token_id, toy.tokenizer.eos_token_id
+    text_encoder_2 = tiny_text_encoder_2(len(toy.tokenizer), bos, eos, hidden_size=extra, projection_dim=pooled)
+    text_encoder_2 = type(text_encoder_2)(type(text_encoder_2.config)(**{
+        **text_encoder_2.config.to_dict(), "max_position_embeddings": toy.tokenizer.model_max_length}))
+    scheduler = EulerDiscreteScheduler.from_config({**toy.scheduler.config, "timestep_spacing": "leading"})
+    pipe = StableDiffusionXLPipeline(vae=toy.vae, text_encoder=toy.text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=toy.tokenizer, tokenizer_2=toy.tokenizer, unet=unet,
+                                     scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def write_sdxl_single_file(base_dir: str | Path, path: str | Path) -> Path:
+    """A diffusers SDXL folder as one original-layout .safetensors (the layout of sd_xl_base_1.0.safetensors)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from zeroconv.models.formats import sdxl_to_original
+    from zeroconv.models.single_file import save_aligned
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    return save_aligned(sdxl_to_original(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2), path,
+                        {"format": "pt"})
 
 
 def write_t5_tokenizer(out_dir: str | Path, words: list[str] = TINY_WORDS):

@@ -128,3 +128,26 @@ def test_sd15_unet_keys_are_lllyasviel_names():
                 "output_blocks.8.2.conv.bias", "output_blocks.11.1.norm.weight", "output_blocks.0.0.emb_layers.1.weight",
                 "time_embed.2.bias", "out.0.weight", "out.2.weight"):
         assert prefix + key in original, key
+
+
+@pytest.mark.parametrize("mix", ["fp32", "mixed"])
+def test_files_zeroconv_writes_start_their_data_on_64_bytes(mix, tmp_path):
+    """save_aligned predicts the header safetensors writes; if the prediction is off, the data would start on 8
+    only and memory-mapped loads would compute differently in the last bit (tests/models/test_sdxl.py)."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    from zeroconv.models.single_file import save_aligned
+
+    generator = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32] if mix == "fp32" else [torch.float32, torch.float16, torch.int64, torch.bool]
+    for trial in range(20):
+        tensors = {f"block.{i}.w{trial}": torch.zeros(int(torch.randint(1, 300, (1,), generator=generator)),
+                                                       dtype=dtypes[i % len(dtypes)]) for i in range(1 + trial)}
+        metadata = {"format": "pt", "note": "é" * trial}  # non-ASCII: safetensors counts UTF-8 bytes
+        path = save_aligned(tensors, tmp_path / f"{trial}.safetensors", metadata)
+        header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+        assert (8 + header_length) % 64 == 0, (trial, header_length)
+        loaded = load_file(str(path))
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)

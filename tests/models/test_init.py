@@ -70,6 +70,6 @@ def test_init_user_errors(tmp_path, capsys):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "not_sd.safetensors"))
     assert cli.main(["init", "--base", str(tmp_path / "not_sd.safetensors"), "--out", str(tmp_path / "o")]) == 2
-    assert "model.diffusion_model" in capsys.readouterr().err
+    assert "match no model family" in capsys.readouterr().err
     assert cli.main(["init", "--base", str(tmp_path / "empty.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "cannot read" in capsys.readouterr().err

@@ -29,6 +29,19 @@ def load_base(name: str, revision: str | None = None, variant: str | None = None
     return base
 
 
+def load_denoiser(name: str, revision: str | None = None, tokenizer_name: str | None = None,
+                  prediction_type: str | None = None, flag: str = "--base") -> Base:
+    """The base's denoiser and VAE without its text encoders (Base.tokenizer and .text_encoder are None): what
+    `zeroconv init` builds a ControlNet from."""
+    from zeroconv.models.families import detect
+
+    check_base_arg(name, flag=flag, revision=revision)
+    location = resolve_base(name)
+    family = detect(location, name, revision=revision, flag=flag)
+    return family.load_denoiser(location, name, revision=revision, tokenizer_name=tokenizer_name,
+                                prediction_type=prediction_type)
+
+
 def load_vae(name: str, cache_dir: str | None = None, dtype=None):
     """An AutoencoderKL from a folder (its own, or a pipeline's with vae/ inside) or a hub id, as diffusers'
     train_controlnet_sdxl.py loads --pretrained_vae_model_name_or_path. The base's --revision and --variant are

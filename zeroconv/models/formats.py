@@ -23,6 +23,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x: Hugging Face CLIP keys under a prefix
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP keys
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL's CLIP-L, Hugging Face keys
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP bigG, its own keys
 
 RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -119,16 +121,26 @@ def empty_controlnet(config: dict):
 def controlnet_from_original(state_dict: dict, config: dict, prefix: str = "") -> dict:
     """An original-layout ControlNet state dict -> diffusers keys; the exact inverse of controlnet_to_original."""
     expected = empty_controlnet(config).state_dict()
-    names = {prefix + controlnet_key_to_original(key, config): key for key in expected}
+    return _checked(state_dict, expected, {prefix + controlnet_key_to_original(key, config): key for key in expected})
+
+
+def controlnet_from_diffusers_keys(state_dict: dict, config: dict) -> dict:
+    """A ControlNet state dict already in diffusers' names, checked against its config as the original one is."""
+    expected = empty_controlnet(config).state_dict()
+    return _checked(state_dict, expected, {key: key for key in expected})
+
+
+def _checked(state_dict: dict, expected: dict, names: dict) -> dict:
+    """`state_dict` renamed by `names` (file key -> diffusers key); every key and shape must match `expected`."""
     missing = sorted(set(names) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(names))
     if missing or unexpected:
-        raise UnknownKeyError(f"original ControlNet does not match its config: {len(missing)} missing keys "
+        raise UnknownKeyError(f"the ControlNet does not match its config: {len(missing)} missing keys "
                               f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     converted = {names[key]: value for key, value in state_dict.items()}
     wrong = [key for key, value in converted.items() if value.shape != expected[key].shape]
     if wrong:
-        raise UnknownKeyError(f"original ControlNet does not match its config: shape of {wrong[0]} is "
+        raise UnknownKeyError(f"the ControlNet does not match its config: shape of {wrong[0]} is "
                               f"{tuple(converted[wrong[0]].shape)}, config says {tuple(expected[wrong[0]].shape)}")
     return converted
 
@@ -189,6 +201,9 @@ def open_clip_to_original(state_dict: dict, prefix: str = OPEN_CLIP_PREFIX) -> d
         key = key.removeprefix("text_model.")
         if key.endswith("position_ids"):
             continue
+        if key == "text_projection.weight":  # a Linear in transformers, a [width, projection] matrix in OpenCLIP
+            out[prefix + "text_projection"] = value.T
+            continue
         if parts := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
             fused.setdefault((int(parts[1]), parts[3]), {})[parts[2]] = value
             continue
@@ -208,6 +223,14 @@ def sd_to_original(unet, vae, text_encoder) -> dict:
     text = open_clip_to_original if sd2 else clip_to_original
     return {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict(), vae.config),
             **text(text_encoder.state_dict())}
+
+
+def sdxl_to_original(unet, vae, text_encoder, text_encoder_2) -> dict:
+    """A diffusers SDXL model as one original-layout state dict (Stability's sd_xl_base_1.0.safetensors layout):
+    the text encoders under conditioner.embedders.0 (CLIP-L) and .1 (OpenCLIP bigG, with its projection)."""
+    return {**unet_to_original(unet.state_dict(), unet.config), **vae_to_original(vae.state_dict(), vae.config),
+            **clip_to_original(text_encoder.state_dict(), SDXL_CLIP_PREFIX),
+            **open_clip_to_original(text_encoder_2.state_dict(), SDXL_OPEN_CLIP_PREFIX)}
 
 
 def detect_control_prefix(keys) -> str:

@@ -28,9 +28,12 @@ class Base:
     # run options the family reads (zeroconv.train.setup.load_frozen_base sets them from TrainConfig)
     max_sequence_length: int = 77  # T5 tokens of a prompt (--max_sequence_length; SD and SDXL have no T5)
     upcast_vae: bool = False  # --upcast_vae: the VAE runs in float32 whatever the training dtype
+    latent_scale: int | None = None  # the VAE's downsampling where the VAE is not loaded (load_denoiser)
 
     @property
     def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return self.latent_scale
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property

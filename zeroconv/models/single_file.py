@@ -28,6 +28,37 @@ DEFAULT_TOKENIZERS = {"clip": ("openai/clip-vit-large-patch14", None),
                       "open_clip": ("stabilityai/stable-diffusion-2", "tokenizer")}
 
 
+DATA_ALIGNMENT = 64  # bytes; what the CPU's vector kernels want of the tensors they read
+ALIGNMENT_KEY = "zeroconv.align"
+
+
+def save_aligned(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
+    """safetensors' save_file, with the data section starting on a 64-byte boundary.
+
+    safetensors aligns it to 8 bytes only. A memory-mapped load (diffusers' from_single_file, safe_open) hands
+    the kernels tensors at those offsets, and on CPU the vectorised code then sums in another order: the same
+    weights give outputs that differ in the last bit from a copy in RAM (or from a diffusers folder, whose short
+    header happens to land on 32). A padding entry in the metadata moves the data to the boundary; its length
+    comes from the header safetensors will write (tensors by dtype size, then name; compact JSON)."""
+    from safetensors.torch import _TYPES, save_file
+
+    names = {dtype: name for name, dtype in _TYPES.items()}
+    tensors = {key: value.contiguous() for key, value in tensors.items()}
+    metadata = {key: value for key, value in (metadata or {}).items() if key != ALIGNMENT_KEY}
+    entries, offset = {}, 0
+    for key in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        size = tensors[key].numel() * tensors[key].element_size()
+        entries[key] = {"dtype": names[tensors[key].dtype], "shape": list(tensors[key].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": {**metadata, ALIGNMENT_KEY: ""}, **entries}, separators=(",", ":"),
+                        ensure_ascii=False).encode()
+    # 8 bytes of length, then the header padded to 8: aim the header's end at 56 mod 64 so no padding follows
+    pad = (DATA_ALIGNMENT - 8 - len(header)) % DATA_ALIGNMENT
+    save_file(tensors, str(path), metadata={**metadata, ALIGNMENT_KEY: " " * pad})
+    return Path(path)
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """(state dict, safetensors metadata) of a .ckpt/.safetensors file; a nested 'state_dict' is unwrapped."""
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
@@ -54,7 +85,8 @@ def text_encoder_kind(state_dict: dict) -> str:
     if any(key.startswith(formats.OPEN_CLIP_PREFIX) for key in state_dict):
         return "open_clip"
     if any(key.startswith("conditioner.embedders.") for key in state_dict):
-        raise UserError("SDXL checkpoints are not supported as a base: zeroconv trains on SD 1.x/2.x")
+        raise UserError("an SDXL checkpoint: it loads as an SDXL base (zeroconv.models.base.load_base), not with "
+                        "the SD 1.x/2.x reader")
     raise UserError("no text encoder (cond_stage_model.*) in the checkpoint: not a full SD 1.x/2.x checkpoint")
 
 
@@ -224,9 +256,8 @@ def save_sd_single_file(path: str | Path, unet, vae, text_encoder, prediction_ty
         raise UserError(f"{path}: single SD files are written as .safetensors; change the suffix")
     tensors = {**formats.sd_to_original(unet, vae, text_encoder), **(extra_tensors or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(path),
-              metadata={**sd_metadata(unet, vae, text_encoder, prediction_type), **(extra_metadata or {})})
-    return path
+    return save_aligned(tensors, path, {**sd_metadata(unet, vae, text_encoder, prediction_type),
+                                        **(extra_metadata or {})})
 
 
 
@@ -261,8 +292,7 @@ def save_combined(path: str | Path, control_state_dict: dict, control_config: di
             tensors.update(formats.unet_to_original(unet.state_dict(), unet.config))
             metadata[CONFIG_METADATA["unet"]] = config_json(unet.config)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_cast({**tensors, **control}, dtype), str(path), metadata=metadata)
-        return path
+        return save_aligned(_cast({**tensors, **control}, dtype), path, metadata)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -276,5 +306,4 @@ def save_combined(path: str | Path, control_state_dict: dict, control_config: di
     metadata = {**sd_metadata(unet, vae, text_encoder, prediction_type or scheduler.get("prediction_type", "epsilon")),
                 **control_metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_cast(tensors, dtype), str(path), metadata=metadata)
-    return path
+    return save_aligned(_cast(tensors, dtype), path, metadata)

@@ -35,11 +35,14 @@ class Family(Protocol):
     label: str  # for messages: "Stable Diffusion 1.x/2.x"
     pipeline_classes: tuple[str, ...]  # model_index.json _class_name values it loads
     decoder_prefixes: tuple[str, ...]  # the denoiser's parameters --sd_locked false trains
+    writes_combined_file: bool  # whether `init --combined` can write base + ControlNet in one original file
 
     def matches_unet_config(self, config: dict) -> bool: ...  # the denoiser's: unet/ or transformer/config.json
     def matches_keys(self, keys: set[str]) -> bool: ...
     def load_base(self, location: str, name: str, revision: str | None, variant: str | None,
                   cache_dir: str | None, tokenizer_name: str | None, dtype) -> Base: ...
+    def load_denoiser(self, location: str, name: str, revision: str | None = None, tokenizer_name: str | None = None,
+                      prediction_type: str | None = None) -> Base: ...  # no text encoders: for `zeroconv init`
     def frozen_encoders(self, base: Base) -> list: ...
     def vae_dtype(self, base: Base, dtype: torch.dtype) -> torch.dtype: ...
     def prompt_shape(self, base: Base) -> dict[str, tuple[int, ...]]: ...
@@ -75,10 +78,13 @@ def families() -> list[Family]:
 def single_file_keys(path: Path) -> set[str]:
     """The tensor names of a single-file checkpoint; from the header alone for .safetensors."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), "pt") as handle:
-            return set(handle.keys())
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return set(handle.keys())
+        except SafetensorError as exc:
+            raise UserError(f"{path}: cannot read it as a checkpoint ({str(exc).splitlines()[0]})") from None
     from zeroconv.models.single_file import read_checkpoint
 
     return set(read_checkpoint(path)[0])

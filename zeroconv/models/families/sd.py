@@ -15,12 +15,20 @@ from zeroconv.models.controlnet import DECODER_PREFIXES
 from zeroconv.models.parts import Base
 
 
+def latent_scale_of_folder(location: str, revision: str | None = None) -> int:
+    """The VAE's downsampling factor from its config alone."""
+    from diffusers import AutoencoderKL
+
+    return 2 ** (len(AutoencoderKL.load_config(location, subfolder="vae", revision=revision)["block_out_channels"]) - 1)
+
+
 class StableDiffusion:
     name = "sd"
     label = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionControlNetPipeline",
                         "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     decoder_prefixes = DECODER_PREFIXES
+    writes_combined_file = True  # lllyasviel's layout: the SD checkpoint plus control_model.*
 
     # --- which bases are SD ---------------------------------------------------------------------------------
     def matches_unet_config(self, config: dict) -> bool:
@@ -59,6 +67,22 @@ class StableDiffusion:
             noise_scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common),
             family=self,
         )
+
+    def load_denoiser(self, location: str, name: str, revision: str | None = None, tokenizer_name: str | None = None,
+                      prediction_type: str | None = None) -> Base:
+        """The UNet alone, and the VAE's downsampling (which sets the condition encoder's depth) from its config
+        or keys: what a ControlNet is built from, for `zeroconv init`. No text encoder, tokenizer or VAE is loaded,
+        so a single file needs nothing from the Hub. `prediction_type`: a single file's, where it does not say."""
+        from diffusers import UNet2DConditionModel
+
+        if Path(location).is_file():
+            from zeroconv.models.single_file import read_checkpoint, sd_components, vae_scale_factor_of
+
+            checkpoint, metadata = read_checkpoint(location)
+            unet = sd_components(checkpoint, metadata, Path(location), prediction_type, components=("unet",))["unet"]
+            return Base(None, None, None, unet, None, family=self, latent_scale=vae_scale_factor_of(checkpoint))
+        return Base(None, None, None, UNet2DConditionModel.from_pretrained(location, subfolder="unet", revision=revision),
+                    None, family=self, latent_scale=latent_scale_of_folder(location, revision))
 
     def frozen_encoders(self, base: Base) -> list:
         """The modules that turn a batch into the denoiser's inputs: moved and cast together, and kept off the

@@ -31,6 +31,7 @@ class StableDiffusion3:
                         "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline")
     # every joint block takes a ControlNet residual; --sd_locked false trains the output head after them
     decoder_prefixes = ("norm_out.", "proj_out.")
+    writes_combined_file = False
 
     # --- which bases are SD3 --------------------------------------------------------------------------------
     def matches_unet_config(self, config: dict) -> bool:
@@ -45,10 +46,7 @@ class StableDiffusion3:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        if Path(location).is_file():
-            raise UserError(f"--pretrained_model_name_or_path {name}: an SD3 single file; zeroconv trains SD3 from "
-                            "a diffusers folder (e.g. stabilityai/stable-diffusion-3.5-medium, or the file's "
-                            "StableDiffusion3Pipeline.from_single_file(...).save_pretrained(folder))")
+        self.refuse_single_file(location, name)
         if tokenizer_name:
             raise UserError(f"--tokenizer_name {tokenizer_name}: SD3 has three tokenizers, read from the base's "
                             "tokenizer/, tokenizer_2/ and tokenizer_3/ folders; drop the flag")
@@ -75,6 +73,24 @@ class StableDiffusion3:
             text_encoder_3=T5EncoderModel.from_pretrained(location, subfolder="text_encoder_3", **weights)
             if has_t5 else None,
         )
+
+    def refuse_single_file(self, location: str, name: str) -> None:
+        if Path(location).is_file():
+            raise UserError(f"--pretrained_model_name_or_path {name}: an SD3 single file; zeroconv trains SD3 from "
+                            "a diffusers folder (e.g. stabilityai/stable-diffusion-3.5-medium, or the file's "
+                            "StableDiffusion3Pipeline.from_single_file(...).save_pretrained(folder))")
+
+    def load_denoiser(self, location: str, name: str, revision: str | None = None, tokenizer_name: str | None = None,
+                      prediction_type: str | None = None) -> Base:
+        """The transformer alone: no text encoder or VAE."""
+        from diffusers import SD3Transformer2DModel
+
+        from zeroconv.models.families.sd import latent_scale_of_folder
+
+        self.refuse_single_file(location, name)
+        return Base(None, None, None,
+                    SD3Transformer2DModel.from_pretrained(location, subfolder="transformer", revision=revision),
+                    None, family=self, latent_scale=latent_scale_of_folder(location, revision))
 
     def frozen_encoders(self, base: Base) -> list:
         return [m for m in (base.vae, base.text_encoder, base.text_encoder_2, base.text_encoder_3) if m is not None]

@@ -9,6 +9,7 @@ label_emb.0.0/label_emb.0.2) is inherited from the SD family; what differs is he
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,11 +19,30 @@ from zeroconv.models.families.sd import StableDiffusion
 from zeroconv.models.parts import Base
 
 
+def _offline() -> bool:
+    from zeroconv.hub import hub_offline
+
+    return hub_offline()
+
+
+@contextmanager
+def _reading_single_file(name: str):
+    """diffusers' errors when a single SDXL file cannot be read (no configs offline, a wrong file) as one line."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, HTTP errors here
+        raise UserError(f"{name}: cannot read this SDXL single file "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); without the Hub, pass "
+                        "--tokenizer_name a diffusers SDXL folder (e.g. stabilityai/stable-diffusion-xl-base-1.0, "
+                        "downloaded) for its configs") from None
+
+
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     label = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline",
                         "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    writes_combined_file = False  # no one loads an SDXL checkpoint with a ControlNet inside
 
     # --- which bases are SDXL -------------------------------------------------------------------------------
     def matches_unet_config(self, config: dict) -> bool:
@@ -63,20 +83,33 @@ class StableDiffusionXL(StableDiffusion):
         )
 
     def load_single_file(self, location: str, name: str, config: str | None, dtype) -> Base:
-        """An original-layout SDXL file through diffusers' from_single_file. Offline it needs the configs of a
-        diffusers SDXL folder, given as --tokenizer_name (its tokenizers are used too)."""
+        """An original-layout SDXL file (Stability's sd_xl_base_1.0.safetensors layout) through diffusers'
+        from_single_file. The file holds no configs: diffusers takes SDXL 1.0's from the Hub, or those of the
+        diffusers SDXL folder given as --tokenizer_name (its tokenizers are used too)."""
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-        try:
-            pipe = StableDiffusionXLPipeline.from_single_file(location, config=config, torch_dtype=dtype)
-        except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, HTTP errors here
-            raise UserError(f"--pretrained_model_name_or_path {name}: cannot read this SDXL single file "
-                            f"({type(exc).__name__}: {str(exc)[:200]}); without the Hub, pass --tokenizer_name a "
-                            "diffusers SDXL folder (e.g. stabilityai/stable-diffusion-xl-base-1.0, downloaded) "
-                            "for its configs") from None
+        with _reading_single_file(name):
+            pipe = StableDiffusionXLPipeline.from_single_file(location, config=config, torch_dtype=dtype,
+                                                              local_files_only=_offline())
         return Base(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
                     DDPMScheduler.from_config(pipe.scheduler.config), family=self,
                     tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
+
+    def load_denoiser(self, location: str, name: str, revision: str | None = None, tokenizer_name: str | None = None,
+                      prediction_type: str | None = None) -> Base:
+        """The UNet, as SD's; from a single file with the configs load_single_file uses."""
+        if not Path(location).is_file():
+            return super().load_denoiser(location, name, revision)
+        from diffusers import UNet2DConditionModel
+
+        from zeroconv.models.families import single_file_keys
+        from zeroconv.models.single_file import vae_scale_factor_of
+
+        with _reading_single_file(name):
+            unet = UNet2DConditionModel.from_single_file(location, config=tokenizer_name, subfolder="unet",
+                                                         local_files_only=_offline())
+        scale = vae_scale_factor_of(dict.fromkeys(single_file_keys(Path(location))))
+        return Base(None, None, None, unet, None, family=self, latent_scale=scale)
 
     def frozen_encoders(self, base: Base) -> list:
         return [base.vae, base.text_encoder, base.text_encoder_2]
