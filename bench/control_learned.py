@@ -71,12 +71,14 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--families", nargs="+", default=["sd", "sdxl"])
     parser.add_argument("--train_examples", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=16)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             for steps in args.steps:
                 print(json.dumps(measure(family, Path(tmp) / family, steps, args.learning_rate,
-                                         train_examples=args.train_examples)), flush=True)
+                                         train_examples=args.train_examples, batch_size=args.batch_size)),
+                      flush=True)
 
 
 if __name__ == "__main__":
