@@ -41,6 +41,13 @@ def tiny_sdxl_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_base(tmp_path_factory):
+    from zeroconv.testing import make_tiny_flux_base
+
+    return make_tiny_flux_base(tmp_path_factory.mktemp("tiny_flux_base"))
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_base(tmp_path_factory):
     from zeroconv.testing import make_tiny_sd3_base
 

@@ -229,8 +229,8 @@ CONDITION_ENCODER_INITS = ("paper", "unit_variance")
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
-        None, "Base SD 1.x/2.x, SDXL or SD3 model: a diffusers folder, a hub id, a single .ckpt/.safetensors file, or "
-        "'toy' for the toy base shipped with zeroconv. Required.")
+        None, "Base SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 model: a diffusers folder, a hub id, a single "
+        ".ckpt/.safetensors file (SD 1.x/2.x, SDXL), or 'toy' for the toy base shipped with zeroconv. Required.")
     controlnet_model_name_or_path: str | None = option(
         None, "Start from this ControlNet (diffusers folder or hub id) instead of copying the base UNet's encoder.")
     pretrained_vae_model_name_or_path: str | None = option(
@@ -267,9 +267,19 @@ class TrainConfig:
     upcast_vae: bool = option(
         False, "Run the VAE in float32 whatever --mixed_precision (as train_controlnet_sd3.py): a half-precision "
         "VAE can overflow into NaN latents. Off by default, as there; SDXL's VAE (force_upcast) is upcast anyway.")
-    max_sequence_length: int = option(
-        77, "SD3: T5 tokens per prompt, in training and in validation samples (train_controlnet_sd3.py's default "
-        "77; SD3's pipeline samples with 256 by default, a longer prompt than 77 tokens is cut).")
+    max_sequence_length: int | None = option(
+        None, "SD3 and Flux: T5 tokens per prompt, in training and in validation samples. Default: the example "
+        "script's, SD3 77 (train_controlnet_sd3.py; SD3's pipeline samples with 256, a longer prompt than 77 "
+        "tokens is cut), Flux 512 (train_controlnet_flux.py, through FluxPipeline.encode_prompt).")
+    num_double_layers: int = option(
+        4, "Flux: double-stream blocks of the ControlNet, copied from the base transformer's first ones "
+        "(train_controlnet_flux.py's flag and default). Other families do not read it.")
+    num_single_layers: int = option(
+        10, "Flux: single-stream blocks of the ControlNet, copied likewise (train_controlnet_flux.py's default 10).")
+    guidance_scale: float = option(
+        3.5, "Flux: the guidance embedding's value in training, for guidance-distilled bases (FLUX.1-dev; "
+        "train_controlnet_flux.py's flag and default). A base without a guidance embedding (FLUX.1-schnell) and "
+        "the other families do not read it; validation samples use --validation_guidance_scale.")
     save_weight_dtype: str = option(
         "fp32", "Precision of the final ControlNet in output_dir (train_controlnet_flux.py's flag and default): fp16 "
         "or bf16 halve the file. Written under the plain file name, so every loader finds it without a variant; "
@@ -292,6 +302,11 @@ class TrainConfig:
     train_data_dir: str | None = option(
         None, "A local folder: imagefolder layout (metadata.jsonl with file_name, conditioning_image_file_name, "
         "text), Fill50K layout (prompt.json, source/, target/) or kohya pair (images/ + conditioning/ + .txt).")
+    jsonl_for_train: str | None = option(
+        None, "A JSON-lines file of training rows, read with datasets' json builder as train_controlnet_sd3.py and "
+        "train_controlnet_flux.py read it: one object per line holding --image_column, "
+        "--conditioning_image_column and --caption_column; image values are file paths (relative ones from the "
+        "working directory, as there). Instead of --dataset_name or --train_data_dir.")
     image_column: str = option("image", "Dataset column holding the target image.")
     conditioning_image_column: str = option("conditioning_image", "Dataset column holding the conditioning image.")
     caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
@@ -464,10 +479,12 @@ class TrainConfig:
 def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
     """Every check of TrainConfig's fields on their own (no model, no data read), in one place so `zeroconv train`
     and `zeroconv cache` fail alike; returns the validation (image, prompt) pairs."""
-    if bool(cfg.dataset_name) == bool(cfg.train_data_dir):
-        which = "both" if cfg.dataset_name else "neither"
-        raise UserError(f"{which} of --dataset_name and --train_data_dir given; give exactly one (a local folder "
-                        "goes to --train_data_dir, a hub id or save_to_disk folder to --dataset_name)")
+    sources = [flag for flag in ("dataset_name", "train_data_dir", "jsonl_for_train") if getattr(cfg, flag)]
+    if len(sources) != 1:
+        which = " and ".join(f"--{flag}" for flag in sources) if sources else "none of them"
+        raise UserError(f"{which} given; give exactly one of --dataset_name, --train_data_dir and --jsonl_for_train "
+                        "(a local folder goes to --train_data_dir, a hub id or save_to_disk folder to "
+                        "--dataset_name, a JSON-lines file of rows to --jsonl_for_train)")
     if cfg.resolution < 8 or cfg.resolution % 8:
         raise UserError(f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE's latent grid); "
                         f"try {max(8, cfg.resolution // 8 * 8)}")
@@ -487,9 +504,13 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--logit_std {cfg.logit_std}: must be positive")
     if cfg.num_layers < 1:
         raise UserError(f"--num_layers {cfg.num_layers}: must be at least 1 (12 is diffusers' default)")
-    if cfg.max_sequence_length < 1:
-        raise UserError(f"--max_sequence_length {cfg.max_sequence_length}: must be at least 1 (77 is "
-                        "train_controlnet_sd3.py's default)")
+    if cfg.max_sequence_length is not None and cfg.max_sequence_length < 1:
+        raise UserError(f"--max_sequence_length {cfg.max_sequence_length}: must be at least 1 (or unset: 77 for "
+                        "SD3, 512 for Flux, as their example scripts)")
+    for flag in ("num_double_layers", "num_single_layers"):
+        if getattr(cfg, flag) < 0:
+            raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (train_controlnet_flux.py's defaults "
+                            "are 4 and 10)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
     if cfg.random_crop and cfg.cache in ("on", "only"):  # auto falls back to live encoding (train/setup.py)

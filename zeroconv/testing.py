@@ -317,6 +317,43 @@ def make_tiny_sd3_base(out_dir: str | Path, t5: bool = True, seed: int = 0) -> P
     return out_dir
 
 
+def tiny_flux_transformer(guidance_embeds: bool = False):
+    """Flux's transformer, narrow: the 16-channel latents packed 2x2 (64 inputs), 2 double-stream and 2
+    single-stream blocks of 2 heads x 8 (rotary axes 2 + 2 + 4), T5's 64-wide states, CLIP's 32-wide pooled
+    embedding; with `guidance_embeds`, FLUX.1-dev's guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                  pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+
+
+def make_tiny_flux_base(out_dir: str | Path, guidance_embeds: bool = False, seed: int = 0) -> Path:
+    """Write a complete tiny Flux base (diffusers layout: tokenizer (CLIP), tokenizer_2 (T5), text_encoder(_2),
+    vae, transformer, scheduler) to `out_dir`; FluxPipeline and FluxControlNetPipeline load it offline. The
+    scheduler is FLUX.1's config (dynamic shifting); the VAE SD3's shape (16 channels, shift and scale)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from zeroconv.models.tokenizer import write_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = write_clip_tokenizer(out_dir / "tokenizer", TINY_WORDS)
+    tokenizer_2 = write_t5_tokenizer(out_dir / "tokenizer_2")
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_ff=128, d_kv=16,
+                                             num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_sd3_vae(), text_encoder=tiny_text_encoder(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=tiny_flux_transformer(guidance_embeds))
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_image_dataset(out_dir: str | Path, n: int = 8, size: int = 64, layout: str = "imagefolder", seed: int = 0) -> Path:
     """Write `n` (image, condition, caption) triples of colored squares in one of the supported layouts.
 

@@ -140,8 +140,11 @@ def data_cfg(root, **overrides):
 
 
 @pytest.mark.parametrize("overrides, pattern", [
-    ({"train_data_dir": None}, "neither of --dataset_name and --train_data_dir"),
-    ({"dataset_name": "user/data"}, "both of --dataset_name and --train_data_dir"),
+    ({"train_data_dir": None}, "none of them given; give exactly one of --dataset_name, --train_data_dir and "
+                               "--jsonl_for_train"),
+    ({"dataset_name": "user/data"}, "--dataset_name and --train_data_dir given; give exactly one"),
+    ({"jsonl_for_train": "rows.jsonl"}, "--train_data_dir and --jsonl_for_train given; give exactly one"),
+    ({"train_data_dir": None, "jsonl_for_train": "/no/rows.jsonl"}, r"--jsonl_for_train /no/rows\.jsonl: no such file"),
     ({"train_data_dir": "/no/such/folder"}, r"--train_data_dir /no/such/folder: no such folder"),
     ({"train_data_dir": None, "dataset_name": "./no/such"}, r"--dataset_name \./no/such: no such folder"),
     ({"caption_column": "prompt"}, r"--caption_column prompt: no such column .*columns are: image, "
@@ -187,3 +190,28 @@ def test_uncached_hub_id_offline_is_a_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"--dataset_name zeroconv-test/not-cached: not in the local cache and "
                                         r"HF_HUB_OFFLINE"):
         check_data_args(TrainConfig(dataset_name="zeroconv-test/not-cached", cache_dir=str(tmp_path)))
+
+
+def test_jsonl_for_train_reads_rows_as_the_sd3_and_flux_scripts_do(tmp_path, monkeypatch):
+    """One JSON object per line, image values file paths; relative ones from the working directory (as the
+    scripts' Image.open); the columns by --image_column etc.; a broken file is one UserError naming it."""
+    import json
+
+    root = make_image_dataset(tmp_path / "data", n=3, size=16)
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"photo": f"data/{row['file_name']}",
+                                         "edges": f"data/{row['conditioning_image_file_name']}",
+                                         "prompt": row["text"]}) + "\n" for row in rows))
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(jsonl_for_train=str(jsonl), image_column="photo", conditioning_image_column="edges",
+                      caption_column="prompt")
+    examples = check_data_args(cfg)
+    assert len(examples) == 3 and examples[1].caption == rows[1]["text"]
+    assert examples[1].open_image().size == (16, 16) and examples[1].open_conditioning_image().size == (16, 16)
+    from PIL import Image
+
+    assert list(examples[2].open_image().getdata()) == list(Image.open(root / rows[2]["file_name"]).getdata())
+    jsonl.write_text("{not json\n")
+    with pytest.raises(UserError, match=r"--jsonl_for_train .*rows\.jsonl: not a JSON-lines file of rows"):
+        check_data_args(cfg)

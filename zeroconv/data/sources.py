@@ -190,6 +190,8 @@ def open_examples(cfg) -> Examples:
 
 
 def open_source(cfg) -> Examples:
+    if cfg.jsonl_for_train:
+        return open_jsonl(Path(cfg.jsonl_for_train), cfg)
     if cfg.train_data_dir:
         folder = Path(cfg.train_data_dir)
         if not folder.is_dir():
@@ -209,11 +211,32 @@ def open_source(cfg) -> Examples:
     return examples
 
 
+def open_jsonl(path: Path, cfg) -> Examples:
+    """--jsonl_for_train: datasets' json builder on the file, as the SD3 and Flux scripts load it."""
+    import datasets
+
+    where = f"--jsonl_for_train {path}"
+    if not path.is_file():
+        raise UserError(f"{where}: no such file")
+    try:
+        dataset = datasets.load_dataset("json", data_files=str(path), cache_dir=cfg.cache_dir, split="train")
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: not a JSON-lines file of rows ({first_line}); write one JSON object per line") \
+            from None
+    examples = from_dataset(dataset, cfg, where, f"JSON lines {path}")
+    if len(examples) == 0:
+        raise UserError(f"{where}: no rows")
+    return examples
+
+
 def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name) or "\\" in name
 
 
 def flag_of(cfg) -> str:
+    if cfg.jsonl_for_train:
+        return "--jsonl_for_train"
     return "--train_data_dir" if cfg.train_data_dir else "--dataset_name"
 
 

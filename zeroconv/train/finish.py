@@ -84,7 +84,7 @@ def write_card(run: TrainingRun, out: Path) -> None:
     write_model_card(out, {
         "base_model": cfg.pretrained_model_name_or_path,
         "condition": cfg.condition or cfg.conditioning_image_column,
-        "dataset": cfg.dataset_name or cfg.train_data_dir,
+        "dataset": cfg.dataset_name or cfg.train_data_dir or cfg.jsonl_for_train,
         "steps": run.state.global_step,
         "effective_batch": cfg.train_batch_size * cfg.gradient_accumulation_steps * run.accelerator.num_processes,
         "resolution": cfg.resolution,

@@ -35,7 +35,7 @@ def compute_loss(t, batch) -> torch.Tensor:
     control = family.encode_condition(t.base, cond, t.generator)  # SD: the pixels; SD3: their VAE latents
     with t.accelerator.autocast():
         pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, control, micro.to(t.device),
-                              only_mid_control=t.cfg.only_mid_control)
+                              only_mid_control=t.cfg.only_mid_control, guidance=t.cfg.guidance_scale)
     if weights is None:
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
     else:  # --snr_gamma: each sample's mean squared error weighted by its noise level

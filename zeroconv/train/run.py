@@ -220,9 +220,9 @@ def train(cfg: TrainConfig, evaluator: Callable | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(TrainConfig, argv, prog="zeroconv train",
-                description="Train a ControlNet on a Stable Diffusion 1.x/2.x, SDXL or SD3 base (the family is read "
-                "from the base). Accepts every flag of diffusers' examples/controlnet/train_controlnet.py with the same "
-                "meaning, the _sdxl script's own flags, and most of the _sd3 script's (not yet --jsonl_for_train).")
+                description="Train a ControlNet on a Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1 base (the "
+                "family is read from the base). Accepts every flag of diffusers' examples/controlnet/train_controlnet.py "
+                "with the same meaning, and the own flags of its _sdxl, _sd3 and _flux scripts.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("accelerate", "diffusers", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

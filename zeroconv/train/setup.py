@@ -76,7 +76,9 @@ def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base
     base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
                      cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype,
                      vae=cfg.pretrained_vae_model_name_or_path)
-    base.max_sequence_length, base.upcast_vae = cfg.max_sequence_length, cfg.upcast_vae
+    base.upcast_vae = cfg.upcast_vae
+    if cfg.max_sequence_length is not None:  # else the family's default, which load_base set
+        base.max_sequence_length = cfg.max_sequence_length
     return base
 
 
@@ -278,7 +280,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     else:
         controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init,
                                              num_layers=cfg.num_layers,
-                                             num_extra_conditioning_channels=cfg.num_extra_conditioning_channels)
+                                             num_extra_conditioning_channels=cfg.num_extra_conditioning_channels,
+                                             num_double_layers=cfg.num_double_layers,
+                                             num_single_layers=cfg.num_single_layers)
     controlnet.train()
     enable_memory_efficient_attention(cfg, base.unet, controlnet)
     enable_npu_flash_attention(cfg, base.unet, controlnet)

@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "sd": "zeroconv.models.families.sd:StableDiffusion",
     "sdxl": "zeroconv.models.families.sdxl:StableDiffusionXL",
     "sd3": "zeroconv.models.families.sd3:StableDiffusion3",
+    "flux": "zeroconv.models.families.flux:Flux",
 }
 
 
@@ -48,7 +49,8 @@ class Family(Protocol):
     def prompt_shape(self, base: Base) -> dict[str, tuple[int, ...]]: ...
     # num_layers: a transformer family's ControlNet depth (--num_layers); extra channels: SD3's mask input
     def build_controlnet(self, base: Base, conditioning_channels: int, condition_encoder_init: str,
-                         num_layers: int | None = None, num_extra_conditioning_channels: int = 0): ...
+                         num_layers: int | None = None, num_extra_conditioning_channels: int = 0,
+                         num_double_layers: int = 4, num_single_layers: int = 10): ...  # depths: SD3's, Flux's
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None): ...
     # what the denoiser reads of a caption, by name (SD: prompt_embeds); the latent cache stores it per caption
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]: ...
@@ -61,7 +63,8 @@ class Family(Protocol):
     def decode_latents(self, base: Base, latents: torch.Tensor) -> torch.Tensor: ...
     # micro: per sample (original h, w, crop top, left, target h, w), float32 [N, 6]; SDXL's add_time_ids
     def denoise(self, unet, controlnet, noisy, timesteps, prompts: dict[str, torch.Tensor], condition,
-                micro: torch.Tensor, only_mid_control: bool = False) -> torch.Tensor: ...
+                micro: torch.Tensor, only_mid_control: bool = False,
+                guidance: float | None = None) -> torch.Tensor: ...  # guidance: Flux's embedding value
     def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"): ...
     def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict: ...
 

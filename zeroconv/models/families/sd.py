@@ -94,9 +94,10 @@ class StableDiffusion:
 
     # --- the ControlNet -------------------------------------------------------------------------------------
     def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper",
-                         num_layers: int | None = None, num_extra_conditioning_channels: int = 0):
-        """ControlNetModel.from_unet: a copy of the whole UNet encoder, so `num_layers` (a transformer family's
-        depth) is not read; extra condition channels are --conditioning_channels here."""
+                         num_layers: int | None = None, num_extra_conditioning_channels: int = 0,
+                         num_double_layers: int = 4, num_single_layers: int = 10):
+        """ControlNetModel.from_unet: a copy of the whole UNet encoder, so the depths of the transformer families
+        (`num_layers`, `num_double_layers`, `num_single_layers`) are not read; extra condition channels are --conditioning_channels here."""
         from zeroconv.models.controlnet import build_controlnet
 
         if num_extra_conditioning_channels:
@@ -156,9 +157,9 @@ class StableDiffusion:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
-                only_mid_control: bool = False):
+                only_mid_control: bool = False, guidance: float | None = None):
         """The frozen UNet's prediction with the ControlNet's residuals (all 13, or the middle one alone). SD has
-        no size conditioning: `micro` is not read."""
+        no size conditioning and no guidance embedding: `micro` and `guidance` are not read."""
         from zeroconv.models.controlnet import predict_noise
 
         return predict_noise(unet, controlnet, noisy, timesteps, prompts["prompt_embeds"], condition,

@@ -100,7 +100,8 @@ class StableDiffusion3:
 
     # --- the ControlNet -------------------------------------------------------------------------------------
     def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper",
-                         num_layers: int = DEFAULT_NUM_LAYERS, num_extra_conditioning_channels: int = 0):
+                         num_layers: int = DEFAULT_NUM_LAYERS, num_extra_conditioning_channels: int = 0,
+                         num_double_layers: int = 4, num_single_layers: int = 10):
         """SD3ControlNetModel.from_transformer: the transformer's first `num_layers` joint blocks, embeddings
         copied; its condition input (a patch embedding of the condition's latents) and its output blocks are
         zero, so the untrained ControlNet changes nothing."""
@@ -206,9 +207,10 @@ class StableDiffusion3:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
-                only_mid_control: bool = False):
+                only_mid_control: bool = False, guidance: float | None = None):
         """The frozen transformer's velocity with the ControlNet's block residuals (block_controlnet_hidden_states);
-        both read the sequence and pooled embeddings. SD3 has no size conditioning: `micro` is not read."""
+        both read the sequence and pooled embeddings. SD3 has no size conditioning and no guidance embedding:
+        `micro` and `guidance` are not read. (`num_double_layers`, `num_single_layers` are Flux's depths.)"""
         if only_mid_control:
             raise UserError("--only_mid_control: an SD3 ControlNet has no middle block (its residuals go into the "
                             "transformer's joint blocks); drop the flag")

@@ -138,7 +138,7 @@ class StableDiffusionXL(StableDiffusion):
 
     # --- one training step ----------------------------------------------------------------------------------
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
-                only_mid_control: bool = False):
+                only_mid_control: bool = False, guidance: float | None = None):
         """The frozen UNet's prediction with the ControlNet's residuals; both read the pooled embedding and the
         add_time_ids (original h, w, crop top, left, target h, w) through added_cond_kwargs."""
         from zeroconv.models.controlnet import predict_noise
