@@ -131,3 +131,23 @@ def test_base_is_loaded_in_the_sampling_dtype_from_a_folder_and_from_a_single_fi
                 if expected[key].is_floating_point():  # the same weights, rounded once to bfloat16
                     assert value.dtype == torch.bfloat16 and torch.equal(value, expected[key].to(torch.bfloat16)), (
                         source, name, key)
+
+
+@pytest.mark.parametrize("base_fixture, options", [("tiny_sd3_base", {"num_layers": 1}),
+                                                   ("tiny_flux_base", {"num_double_layers": 1,
+                                                                       "num_single_layers": 1})])
+def test_sample_takes_the_family_of_the_base(base_fixture, options, request, condition, tmp_path):
+    """An SD3 or Flux ControlNet samples through its family's pipeline, with the T5 length it was trained with."""
+    from zeroconv.models.base import load_base
+
+    base_dir = request.getfixturevalue(base_fixture)
+    base = load_base(str(base_dir))
+    folder = tmp_path / "controlnet"
+    base.family.build_controlnet(base, **options).save_pretrained(folder)
+    (folder / "config.yaml").write_text(f"pretrained_model_name_or_path: {base_dir}\nresolution: 64\n"
+                                        "max_sequence_length: 16\n")
+    out = tmp_path / "out"
+    assert main(["--controlnet", str(folder), "--image", str(condition), "--prompt", "a red square", "--steps", "2",
+                 "--guidance_scale", "3.5", "--out", str(out)]) == 0
+    image = Image.open(out / "00000_0.png")
+    assert image.size == (64, 64) and np.asarray(image).std() > 0

@@ -27,8 +27,8 @@ class SampleConfig:
     controlnet: str | None = option(None, "Trained ControlNet: a diffusers folder (a zeroconv output_dir), a "
                                     "checkpoint-N folder, or a hub id. Required.")
     pretrained_model_name_or_path: str | None = option(
-        None, "Base SD model (folder, hub id, single file, or 'toy'). Default: the base recorded in the ControlNet's "
-        "training config.")
+        None, "Base model (folder, hub id, single file, or 'toy'; SD 1.x/2.x, SDXL, SD3/SD3.5 or Flux.1, whose family "
+        "decides the pipeline). Default: the base recorded in the ControlNet's training config.")
     image: list[str] | None = option(None, "Condition image(s).")
     prompt: list[str] | None = option(None, "Prompt(s).")
     folder: str | None = option(None, "A folder of condition images (prompt from --prompt or a .txt beside each).")
@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES.get(cfg.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
 
     # loaded in the dtype they sample in, then only moved: a cast after loading is what diffusers warns about
-    controlnet = load_controlnet(cfg.controlnet, dtype)
-    channels = controlnet.config.conditioning_channels
+    same_base = base_name == trained.get("pretrained_model_name_or_path")
     # the VAE the ControlNet was trained with (--pretrained_vae_model_name_or_path), when sampling on that base
-    vae = trained.get("pretrained_vae_model_name_or_path") if base_name == trained.get(
-        "pretrained_model_name_or_path") else None
-    base = load_base(base_name, dtype=dtype, vae=vae)
+    base = load_base(base_name, dtype=dtype, vae=trained.get("pretrained_vae_model_name_or_path") if same_base else None)
+    if trained.get("max_sequence_length"):  # SD3/Flux: the T5 length it was trained and validated with
+        base.max_sequence_length = trained["max_sequence_length"]
+    controlnet = load_controlnet(cfg.controlnet, base.family, dtype)
+    # SD's ControlNets read the condition's pixels in 1, 3 or 4 channels; SD3's and Flux's its RGB latents
+    channels = controlnet.config.get("conditioning_channels", 3)
     pipe = base.family.pipeline(base, controlnet, scheduler=cfg.scheduler).to(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

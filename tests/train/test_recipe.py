@@ -29,9 +29,10 @@ def test_ema_resume_is_bit_identical_and_final_save_holds_the_average(tiny_base,
     key = next(k for k in moved if k.startswith("controlnet_mid_block.weight"))
     assert 0 < float(average[key].abs().sum()) < float(trained[key].abs().sum())
 
+    from zeroconv.models.families import get_family
     from zeroconv.models.pipeline import load_controlnet
 
-    sampled = load_controlnet(str(straight / "checkpoint-6")).state_dict()  # a checkpoint samples its average
+    sampled = load_controlnet(str(straight / "checkpoint-6"), get_family("sd")).state_dict()  # a checkpoint samples its average
     ema_file = controlnet_weights(straight / "checkpoint-6/controlnet_ema")
     assert all(torch.equal(sampled[k], ema_file[k]) for k in ema_file)
 

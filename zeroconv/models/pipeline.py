@@ -24,11 +24,9 @@ SCHEDULERS = {
 }
 
 
-def load_controlnet(path: str, dtype=None):
-    """A trained ControlNet (a diffusers folder, a zeroconv output_dir or checkpoint-N, or a hub id) in `dtype`.
-    A checkpoint of a --use_ema run gives its average, as validation sampled it."""
-    from diffusers import ControlNetModel
-
+def load_controlnet(path: str, family, dtype=None):
+    """A trained ControlNet of `family` (a diffusers folder, a zeroconv output_dir or checkpoint-N, or a hub id) in
+    `dtype`. A checkpoint of a --use_ema run gives its average, as validation sampled it."""
     from zeroconv.hub import EMA_FOLDER
 
     folder = Path(path)
@@ -39,7 +37,7 @@ def load_controlnet(path: str, dtype=None):
     if folder.exists() and not (folder / "config.json").is_file():
         raise UserError(f"--controlnet {path}: no config.json; expected a diffusers ControlNet folder, a zeroconv "
                         "output_dir or checkpoint (use `zeroconv import` for a single file)")
-    return ControlNetModel.from_pretrained(str(folder) if folder.exists() else path, torch_dtype=dtype)
+    return family.load_controlnet(str(folder) if folder.exists() else path, dtype=dtype)
 
 
 def make_scheduler(base, scheduler: str = "unipc"):
