@@ -47,7 +47,8 @@ def save_final(run: TrainingRun) -> Path:
             save_controlnet(controlnet, out, dtype)
         if not run.cfg.sd_locked:
             run.accelerator.unwrap_model(run.unet).save_pretrained(out / DECODER_FOLDER, safe_serialization=True)
-        summary = {"global_step": run.state.global_step, "skipped_samples": run.state.skipped_samples,
+        summary = {"global_step": run.state.global_step, "processes": run.accelerator.num_processes,
+                   "effective_batch": effective_batch(run), "skipped_samples": run.state.skipped_samples,
                    "nonfinite_steps": run.state.nonfinite_steps, "nonfinite_log": run.state.nonfinite_log,
                    "controllability": report_controllability(out / "metrics.jsonl"),
                    "seconds": {k: round(v, 3) for k, v in run.seconds.items()}}
@@ -77,6 +78,11 @@ def report_controllability(metrics_file: Path) -> dict:
     return summaries
 
 
+def effective_batch(run: TrainingRun) -> int:
+    """Samples per optimizer step, over every process."""
+    return run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps * run.accelerator.num_processes
+
+
 def write_card(run: TrainingRun, out: Path) -> None:
     cfg = run.cfg
     validation = {k: v for row in run.metrics_log for k, v in row.items() if k.startswith("validation/")}
@@ -86,7 +92,7 @@ def write_card(run: TrainingRun, out: Path) -> None:
         "condition": cfg.condition or cfg.conditioning_image_column,
         "dataset": cfg.dataset_name or cfg.train_data_dir or cfg.jsonl_for_train,
         "steps": run.state.global_step,
-        "effective_batch": cfg.train_batch_size * cfg.gradient_accumulation_steps * run.accelerator.num_processes,
+        "effective_batch": effective_batch(run),
         "resolution": cfg.resolution,
         "controllability": validation,
         "validation_grid": str(grids[-1].relative_to(out)) if grids else None,

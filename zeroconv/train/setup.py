@@ -253,6 +253,32 @@ def tracker_config(cfg: TrainConfig) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in to_dict(cfg).items()}
 
 
+def check_launch(accelerator) -> None:
+    """Refuse launches that would train wrongly, before any model loads.
+
+    - Several processes started (WORLD_SIZE > 1) that did not join one process group: accelerate does so on a
+      machine without GPUs unless told to use the CPU, and every process would then train alone and write the
+      same output_dir.
+    - DeepSpeed and FSDP shard the optimizer state across processes, and zeroconv's checkpoints are written by the
+      main process from the full state: they would be incomplete, and a resume wrong. One process and DDP are
+      what zeroconv checkpoints correctly today."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise UserError(f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate joined none of "
+                        "them into a process group (no GPU here?), so each would train alone into the same "
+                        "output_dir; on CPUs set ACCELERATE_USE_CPU=1 for the launch (gloo), or launch one process")
+    engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
+    if engine:
+        raise UserError(f"{engine} (from your accelerate config): zeroconv does not save {engine}'s sharded optimizer "
+                        "state yet, so its checkpoints would not resume correctly; launch with DDP (accelerate "
+                        "launch --multi_gpu, or `accelerate config` without DeepSpeed/FSDP): each process keeps the "
+                        "whole state, which zeroconv's checkpoints save and resume exactly")
+
+
 def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None = None) -> dict:
     """The fields of zeroconv.train.run.TrainingRun, from a config preflight has passed."""
     from accelerate.utils import set_seed
@@ -266,6 +292,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     from zeroconv.train.loop import steps_for
 
     accelerator = make_accelerator(cfg)
+    check_launch(accelerator)
     seed = run_seed(cfg)
     set_seed(seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
