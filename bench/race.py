@@ -6,7 +6,8 @@ A user who switches changes the program name and nothing else, so both get the s
 no validation, one checkpoint at the end) and each keeps its own defaults for the rest: zeroconv's latent cache,
 channels_last rule and fused optimizer are on by default; that is what the race measures. Per config, N pairs
 run one after the other, the order alternating (peer first, then zeroconv first: a drifting machine favours
-neither), each program in a fresh process with the same environment. Per run: the whole-process wall time (from
+neither), each program in a fresh process with the same environment: the caller's, as a user runs them
+(OMP_WAIT_POLICY is not forced as in bench/learn_race.py). Per run: the whole-process wall time (from
 the command to its exit, start-up and final save included) and its peak RSS (the kernel's, from wait4). Printed:
 every pair's times, the ratio peer/zeroconv per pair and the median, the peak RSS of both, and zeroconv's own split
 of its time (start-up to the first step, waiting for data, the steps), from its train_summary.json.
@@ -35,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from learn_race import RUN_ENV, train_command, write_fill_imagefolder  # noqa: E402  (the same launcher, env, data)
+from learn_race import train_command, write_fill_imagefolder  # noqa: E402  (the same launcher and data)
 
 # name: (base, training resolution, stored resolution, examples)
 CONFIGS = {"tiny": ("tiny", 64, 64, 1000), "base256": ("small", 256, 512, 400)}
@@ -70,7 +71,10 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**RUN_ENV, "XDG_CACHE_HOME": str(work / "xdg-cache")}  # zeroconv's latent cache stays in the work dir
+    # The user's environment, as they would run either program: unlike the learning race, OMP_WAIT_POLICY is not
+    # forced to PASSIVE (which changes no number but halves a tiny step's speed on an idle machine); set it
+    # outside to race under it. zeroconv's latent cache stays in the work dir.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(work / "xdg-cache")}
     report = {}
     for name in args.configs:
         base_name, resolution, stored, examples = CONFIGS[name]

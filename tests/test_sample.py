@@ -133,11 +133,12 @@ def test_base_is_loaded_in_the_sampling_dtype_from_a_folder_and_from_a_single_fi
                         source, name, key)
 
 
-@pytest.mark.parametrize("base_fixture, options", [("tiny_sd3_base", {"num_layers": 1}),
+@pytest.mark.parametrize("base_fixture, options", [("tiny_sdxl_base", {}), ("tiny_sd3_base", {"num_layers": 1}),
                                                    ("tiny_flux_base", {"num_double_layers": 1,
                                                                        "num_single_layers": 1})])
 def test_sample_takes_the_family_of_the_base(base_fixture, options, request, condition, tmp_path):
-    """An SD3 or Flux ControlNet samples through its family's pipeline, with the T5 length it was trained with."""
+    """An SDXL, SD3 or Flux ControlNet samples through its family's pipeline (SD3 and Flux with the T5 length it was
+    trained with)."""
     from zeroconv.models.base import load_base
 
     base_dir = request.getfixturevalue(base_fixture)
