@@ -185,8 +185,9 @@ def main(argv: list[str]) -> int:
         print(f"ControlNet, original layout -> {out}")
         dropped = keys_diffusers_drops(out, read_config(run))
         if dropped:
-            print(f"note: diffusers' from_single_file does not read {len(dropped)} keys of this layout "
-                  f"({', '.join(dropped[:2])}, ...) and would leave them unloaded; for diffusers users also share "
+            named = ", ".join(dropped[:2]) + (", ..." if len(dropped) > 2 else "")
+            print(f"note: diffusers' from_single_file does not read {len(dropped)} keys of this layout ({named}) "
+                  f"and would leave them unloaded; for diffusers users also share "
                   f"`zeroconv export {config.model} --format diffusers_file`")
         if has_decoder:
             base = config.base or run_base(run)
