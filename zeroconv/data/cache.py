@@ -76,9 +76,11 @@ def base_identity(location: str, revision: str | None, base, vae: str | None = N
     for part in BASE_PARTS:
         if getattr(base, part, None) is None:
             continue
-        config = getattr(base, part).config
+        config = getattr(base, part).config  # a Deferred text encoder's too: its config file, as loading reads it
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        identity[f"{part}_config"] = {k: v for k, v in config.items() if not k.startswith("_")}
+        # the dtype it was loaded in is not the model's (transformers records it); the key has the run's dtype
+        identity[f"{part}_config"] = {k: v for k, v in config.items()
+                                      if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
     if path.is_file():
         identity["files"] = [[path.name, path.stat().st_size, path.stat().st_mtime_ns]]
     elif path.is_dir():

@@ -6,26 +6,30 @@ What is loaded, and how, is the base's model family's (zeroconv.models.families)
 from __future__ import annotations
 
 from zeroconv.models.locate import check_base_arg, resolve_base  # noqa: F401 - callers import them here
-from zeroconv.models.parts import Base
+from zeroconv.models.parts import Base, Deferred
 
 
 def load_base(name: str, revision: str | None = None, variant: str | None = None, cache_dir: str | None = None,
-              tokenizer_name: str | None = None, dtype=None, vae: str | None = None) -> Base:
+              tokenizer_name: str | None = None, dtype=None, vae: str | None = None,
+              defer_text_encoders: bool = False) -> Base:
     """The base's frozen parts; with `dtype` (a torch dtype) their weights are loaded in it. Sampling loads in its
     dtype rather than casting after: diffusers warns on every `.to(dtype)` of a model (zeroconv.models.pipeline).
-    `vae` (--pretrained_vae_model_name_or_path) replaces the base's VAE by that one."""
+    `vae` (--pretrained_vae_model_name_or_path) replaces the base's VAE by that one. With `defer_text_encoders`
+    the text encoders of a diffusers folder or hub id are `Deferred` (config only) until `base.materialize()`:
+    a run that a complete latent cache serves needs none of them for its steps."""
     from zeroconv.models.families import detect
 
     check_base_arg(name, revision=revision, cache_dir=cache_dir)
     location = resolve_base(name)
     family = detect(location, name, revision=revision, cache_dir=cache_dir)
     base = family.load_base(location, name, revision=revision, variant=variant, cache_dir=cache_dir,
-                            tokenizer_name=tokenizer_name, dtype=dtype)
+                            tokenizer_name=tokenizer_name, dtype=dtype, defer_text_encoders=defer_text_encoders)
     if vae is not None:
         base.vae = load_vae(vae, cache_dir=cache_dir, dtype=dtype)
     for module in (*family.frozen_encoders(base), base.unet):
-        module.requires_grad_(False)
-        module.eval()
+        if not isinstance(module, Deferred):  # a Deferred one is frozen when it loads
+            module.requires_grad_(False)
+            module.eval()
     return base
 
 

@@ -33,6 +33,7 @@ class LiveEncoders:
     """Runs the frozen VAE and the family's prompt encoder on each batch (no cache)."""
 
     def __init__(self, base, device, weight_dtype):
+        base.materialize()  # deferred text encoders (a run that expected a cache and encodes live after all)
         self.base, self.vae = base, base.vae
         self.device, self.weight_dtype = device, weight_dtype
         self.empty_prompts = self.encode_prompts([""])  # constant: the text encoders are frozen

@@ -127,6 +127,7 @@ class TrainingRun:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return {}
+        self.base.materialize()  # a cached run's text encoders load at its first validation, not before
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # --use_ema: the average
             metrics = run_validation(self, self.state.global_step)
         if metrics:

@@ -73,9 +73,11 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
 def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base:
     from zeroconv.models.base import load_base
 
+    # A run the latent cache may serve loads its text encoders only when it needs them: to build the cache, to
+    # encode live after all, or to validate. T5 alone is 9 GB of SD3's and Flux's 'frozen parts'.
     base = load_base(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
                      cache_dir=cfg.cache_dir, tokenizer_name=cfg.tokenizer_name, dtype=dtype,
-                     vae=cfg.pretrained_vae_model_name_or_path)
+                     vae=cfg.pretrained_vae_model_name_or_path, defer_text_encoders=may_use_cache(cfg))
     base.upcast_vae = cfg.upcast_vae
     if cfg.max_sequence_length is not None:  # else the family's default, which load_base set
         base.max_sequence_length = cfg.max_sequence_length
@@ -102,11 +104,20 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
         module.to(device)
         if module.dtype != module_dtype:  # `zeroconv cache` loads all in `dtype`; diffusers warns on every cast
             module.to(dtype=module_dtype)
-    encoders = cache.Encoders(base.vae, lambda captions: base.family.encode_prompts(base, captions, device),
-                              base.family.prompt_shape(base), device, dtype, cfg.train_batch_size)
+    def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
+        base.materialize()  # only a cache being built encodes: a complete one leaves the text encoders unloaded
+        return base.family.encode_prompts(base, captions, device)
+
+    encoders = cache.Encoders(base.vae, encode_prompts, base.family.prompt_shape(base), device, dtype,
+                              cfg.train_batch_size)
     return cache.open_or_build(cfg.latent_cache_dir or cache.default_cache_root(), identity, dataset, encoders,
                                flipped=cfg.random_flip, strict_data=cfg.strict_data,
                                num_workers=cfg.dataloader_num_workers)
+
+
+def may_use_cache(cfg: TrainConfig) -> bool:
+    """Whether usable_cache can return a cache for this run (it may still fall back to live encoding)."""
+    return cfg.cache != "off" and not cfg.random_crop and cfg.aspect_buckets is None
 
 
 def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,

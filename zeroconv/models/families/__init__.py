@@ -41,7 +41,8 @@ class Family(Protocol):
     def matches_unet_config(self, config: dict) -> bool: ...  # the denoiser's: unet/ or transformer/config.json
     def matches_keys(self, keys: set[str]) -> bool: ...
     def load_base(self, location: str, name: str, revision: str | None, variant: str | None,
-                  cache_dir: str | None, tokenizer_name: str | None, dtype) -> Base: ...
+                  cache_dir: str | None, tokenizer_name: str | None, dtype,
+                  defer_text_encoders: bool = False) -> Base: ...  # deferred: models.parts.Deferred
     def load_denoiser(self, location: str, name: str, revision: str | None = None, tokenizer_name: str | None = None,
                       prediction_type: str | None = None) -> Base: ...  # no text encoders: for `zeroconv init`
     def frozen_encoders(self, base: Base) -> list: ...

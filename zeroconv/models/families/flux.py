@@ -61,9 +61,12 @@ class Flux(StableDiffusion3):
 
     # --- the frozen parts -----------------------------------------------------------------------------------
     def load_base(self, location: str, name: str, revision: str | None = None, variant: str | None = None,
-                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None) -> Base:
+                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None,
+                  defer_text_encoders: bool = False) -> Base:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        from zeroconv.models.parts import text_encoder
 
         self.refuse_single_file(location, name)
         if tokenizer_name:
@@ -73,13 +76,13 @@ class Flux(StableDiffusion3):
         weights = dict(variant=variant, torch_dtype=dtype, **common)
         return Base(
             tokenizer=AutoTokenizer.from_pretrained(location, subfolder="tokenizer", **common),
-            text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
+            text_encoder=text_encoder(CLIPTextModel, location, "text_encoder", defer_text_encoders, **weights),
             vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **weights),
             unet=FluxTransformer2DModel.from_pretrained(location, subfolder="transformer", **weights),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(location, subfolder="scheduler", **common),
             family=self,
             tokenizer_2=AutoTokenizer.from_pretrained(location, subfolder="tokenizer_2", **common),
-            text_encoder_2=T5EncoderModel.from_pretrained(location, subfolder="text_encoder_2", **weights),
+            text_encoder_2=text_encoder(T5EncoderModel, location, "text_encoder_2", defer_text_encoders, **weights),
             max_sequence_length=T5_TOKENS,
         )
 

@@ -44,9 +44,12 @@ class StableDiffusion:
 
     # --- the frozen parts -----------------------------------------------------------------------------------
     def load_base(self, location: str, name: str, revision: str | None = None, variant: str | None = None,
-                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None) -> Base:
+                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None,
+                  defer_text_encoders: bool = False) -> Base:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
+
+        from zeroconv.models.parts import text_encoder
 
         if Path(location).is_file():
             from zeroconv.models.single_file import load_sd_single_file
@@ -61,7 +64,7 @@ class StableDiffusion:
                                                   "tokenizer", use_fast=False, **common)
         return Base(
             tokenizer=tokenizer,
-            text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
+            text_encoder=text_encoder(CLIPTextModel, location, "text_encoder", defer_text_encoders, **weights),
             vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **weights),
             unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights),
             noise_scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common),

@@ -42,9 +42,12 @@ class StableDiffusion3:
 
     # --- the frozen parts -----------------------------------------------------------------------------------
     def load_base(self, location: str, name: str, revision: str | None = None, variant: str | None = None,
-                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None) -> Base:
+                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None,
+                  defer_text_encoders: bool = False) -> Base:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        from zeroconv.models.parts import text_encoder
 
         self.refuse_single_file(location, name)
         if tokenizer_name:
@@ -61,16 +64,17 @@ class StableDiffusion3:
         has_t5 = not folder.is_dir() or (folder / "text_encoder_3").is_dir()
         return Base(
             tokenizer=tokenizer("tokenizer"),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder", **weights),
+            text_encoder=text_encoder(CLIPTextModelWithProjection, location, "text_encoder", defer_text_encoders,
+                                      **weights),
             vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **weights),
             unet=SD3Transformer2DModel.from_pretrained(location, subfolder="transformer", **weights),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(location, subfolder="scheduler", **common),
             family=self,
             tokenizer_2=tokenizer("tokenizer_2"),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2",
-                                                                       **weights),
+            text_encoder_2=text_encoder(CLIPTextModelWithProjection, location, "text_encoder_2", defer_text_encoders,
+                                        **weights),
             tokenizer_3=tokenizer("tokenizer_3") if has_t5 else None,
-            text_encoder_3=T5EncoderModel.from_pretrained(location, subfolder="text_encoder_3", **weights)
+            text_encoder_3=text_encoder(T5EncoderModel, location, "text_encoder_3", defer_text_encoders, **weights)
             if has_t5 else None,
         )
 

@@ -56,9 +56,12 @@ class StableDiffusionXL(StableDiffusion):
 
     # --- the frozen parts -----------------------------------------------------------------------------------
     def load_base(self, location: str, name: str, revision: str | None = None, variant: str | None = None,
-                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None) -> Base:
+                  cache_dir: str | None = None, tokenizer_name: str | None = None, dtype=None,
+                  defer_text_encoders: bool = False) -> Base:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        from zeroconv.models.parts import text_encoder
 
         if Path(location).is_file():
             return self.load_single_file(location, name, tokenizer_name, dtype)
@@ -71,15 +74,15 @@ class StableDiffusionXL(StableDiffusion):
 
         return Base(
             tokenizer=tokenizer("tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **weights),
+            text_encoder=text_encoder(CLIPTextModel, location, "text_encoder", defer_text_encoders, **weights),
             vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **weights),
             unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **weights),
             # SDXL ships an Euler scheduler config; training reads its schedule as DDPM, like diffusers' script
             noise_scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler", **common),
             family=self,
             tokenizer_2=tokenizer("tokenizer_2"),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(location, subfolder="text_encoder_2",
-                                                                       **weights),
+            text_encoder_2=text_encoder(CLIPTextModelWithProjection, location, "text_encoder_2", defer_text_encoders,
+                                        **weights),
         )
 
     def load_single_file(self, location: str, name: str, config: str | None, dtype) -> Base:
