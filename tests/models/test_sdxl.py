@@ -169,3 +169,24 @@ def test_single_file_sdxl_base_loads_as_its_folder_and_inits_the_same_controlnet
     assert cli.main(["init", "--base", str(tiny_sdxl_base), "--out", str(tmp_path / "o"),
                      "--combined", str(tmp_path / "c.safetensors")]) == 2
     assert "lllyasviel's SD 1.x/2.x layout" in capsys.readouterr().err
+
+
+def test_toy_base_dressed_as_sdxl_denoises_as_the_toy(tmp_path):
+    """The control-learned check's SDXL base (zeroconv.testing.make_toy_sdxl_base): an SDXL base in every part
+    (detected as one, two encoders, pooled embedding, size/crop ids) whose UNet predicts exactly what the toy's
+    does from the first encoder's states, whatever the second encoder and the ids say."""
+    from zeroconv.models.toy_base import toy_base_path
+    from zeroconv.testing import make_toy_sdxl_base
+
+    base_dir = make_toy_sdxl_base(tmp_path / "toy_sdxl")
+    assert detect(str(base_dir)).name == "sdxl"
+    dressed, toy = load_base(str(base_dir)), load_base(str(toy_base_path()))
+    prompts = dressed.family.encode_prompts(dressed, ["a red circle", ""], "cpu")
+    width = toy.text_encoder.config.hidden_size
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 20])
+    with torch.no_grad():
+        want = toy.unet(x, t, prompts["prompt_embeds"][..., :width]).sample
+        for ids in ([[64.0, 64, 0, 0, 64, 64]] * 2, [[300.0, 200, 10, 20, 64, 64]] * 2):
+            added = {"text_embeds": prompts["pooled_prompt_embeds"], "time_ids": torch.tensor(ids)}
+            got = dressed.unet(x, t, prompts["prompt_embeds"], added_cond_kwargs=added).sample
+            assert torch.equal(got, want)
