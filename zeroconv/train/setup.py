@@ -115,9 +115,19 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
                                num_workers=cfg.dataloader_num_workers)
 
 
+def cache_cannot_serve(cfg: TrainConfig) -> str | None:
+    """Why no latent cache can serve this run whatever --cache says (check_train_config refuses on/only for these,
+    so only auto meets them), or None."""
+    if cfg.random_crop:
+        return "--random_crop moves the crop every epoch and a cache holds one"
+    if cfg.aspect_buckets is not None:
+        return "--aspect_buckets gives latents of varying shapes and a cache holds one square crop per image"
+    return None
+
+
 def may_use_cache(cfg: TrainConfig) -> bool:
     """Whether usable_cache can return a cache for this run (it may still fall back to live encoding)."""
-    return cfg.cache != "off" and not cfg.random_crop and cfg.aspect_buckets is None
+    return cfg.cache != "off" and cache_cannot_serve(cfg) is None
 
 
 def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
@@ -128,13 +138,9 @@ def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
 
     if cfg.cache == "off":
         return None
-    if cfg.random_crop:  # only auto gets here (check_train_config refuses on/only)
-        logger.warning("--cache auto: off for this run, --random_crop moves the crop every epoch and a cache holds "
-                       "one; batches are encoded live")
-        return None
-    if cfg.aspect_buckets is not None:  # likewise
-        logger.warning("--cache auto: off for this run, --aspect_buckets gives latents of varying shapes and a cache "
-                       "holds one square crop per image; batches are encoded live")
+    why = cache_cannot_serve(cfg)
+    if why:
+        logger.warning("--cache auto: off for this run, %s; batches are encoded live", why)
         return None
     try:
         return latent_cache(cfg, dataset, base, device, dtype)

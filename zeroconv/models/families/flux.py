@@ -182,43 +182,14 @@ class Flux(StableDiffusion3):
                       return_dict=False, **inputs)[0]
         return unpack(packed, h, w)
 
-    # --- sampling and export --------------------------------------------------------------------------------
-    def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"):
-        """FluxControlNetPipeline (FluxPipeline without a ControlNet), called the way zeroconv calls SD's:
-        `image=` is its control_image; prompts with the run's --max_sequence_length. It samples with the base's
-        flow-matching Euler scheduler; `scheduler` names DDPM samplers and is not read. Its guidance_scale is the
-        guidance embedding's value (guidance-distilled bases), not classifier-free guidance."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    # --- sampling and export: SD3's pipeline method, with Flux's pipelines and modules ----------------------
+    # Their guidance_scale is the guidance embedding's value (guidance-distilled bases), not classifier-free guidance.
+    pipeline_names = ("FluxControlNetPipeline", "FluxPipeline")
 
-        modules = dict(transformer=unet if unet is not None else base.unet, vae=base.vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.noise_scheduler.config),
-                       text_encoder=base.text_encoder, tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
-                       tokenizer_2=base.tokenizer_2)
-        pipe = flux_pipeline_class(controlnet is not None)(**modules, **({} if controlnet is None else
-                                                                         {"controlnet": controlnet}))
-        pipe.max_sequence_length = base.max_sequence_length
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    def pipeline_modules(self, base: Base) -> dict:
+        return dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                    text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
 
     def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict:
         raise UserError("zeroconv export: Flux ControlNets have no original (lllyasviel) layout; share the diffusers "
                         "folder (`zeroconv export --format diffusers`), which FluxControlNetPipeline loads")
-
-
-def flux_pipeline_class(with_controlnet: bool):
-    """diffusers' Flux pipeline, taking zeroconv's call: image= (the condition) and guess_mode (Flux has none)."""
-    import diffusers
-
-    parent = diffusers.FluxControlNetPipeline if with_controlnet else diffusers.FluxPipeline
-
-    class Pipeline(parent):
-        def __call__(self, *args, image=None, guess_mode: bool = False, **kwargs):
-            if guess_mode:
-                raise UserError("--guess_mode: FluxControlNetPipeline has no guess mode; drop the flag")
-            kwargs.setdefault("max_sequence_length", self.max_sequence_length)
-            if image is not None:
-                kwargs["control_image"] = image
-            return super().__call__(*args, **kwargs)
-
-    Pipeline.__name__ = Pipeline.__qualname__ = parent.__name__
-    return Pipeline

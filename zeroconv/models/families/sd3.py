@@ -227,19 +227,27 @@ class StableDiffusion3:
                     return_dict=False)[0]
 
     # --- sampling and export --------------------------------------------------------------------------------
+    # diffusers' pipelines of this family: with a ControlNet, and the base alone
+    pipeline_names = ("StableDiffusion3ControlNetPipeline", "StableDiffusion3Pipeline")
+
+    def pipeline_modules(self, base: Base) -> dict:
+        """The frozen modules the family's pipelines take, by their argument names (not the denoiser)."""
+        return dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                    text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                    text_encoder_3=base.text_encoder_3, tokenizer_3=base.tokenizer_3)
+
     def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"):
-        """StableDiffusion3ControlNetPipeline (StableDiffusion3Pipeline without a ControlNet), called the way
-        zeroconv calls SD's: `image=` is its control_image, and its prompts are encoded with the run's
+        """The family's ControlNet pipeline (its base pipeline without a ControlNet), called the way zeroconv
+        calls SD's: `image=` is its control_image, and its prompts are encoded with the run's
         --max_sequence_length. It samples with the base's flow-matching Euler scheduler; `scheduler` names DDPM
         samplers and is not read."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        modules = dict(transformer=unet if unet is not None else base.unet, vae=base.vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.noise_scheduler.config),
-                       text_encoder=base.text_encoder, tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
-                       tokenizer_2=base.tokenizer_2, text_encoder_3=base.text_encoder_3, tokenizer_3=base.tokenizer_3)
-        pipe = sd3_pipeline_class(controlnet is not None)(**modules, **({} if controlnet is None else
-                                                                        {"controlnet": controlnet}))
+        modules = dict(transformer=unet if unet is not None else base.unet, **self.pipeline_modules(base),
+                       scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.noise_scheduler.config))
+        with_controlnet, alone = self.pipeline_names
+        parent = with_controlnet if controlnet is not None else alone
+        pipe = zeroconv_call(parent)(**modules, **({} if controlnet is None else {"controlnet": controlnet}))
         pipe.max_sequence_length = base.max_sequence_length
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -249,20 +257,21 @@ class StableDiffusion3:
                         "folder, which StableDiffusion3ControlNetPipeline loads")
 
 
-def sd3_pipeline_class(with_controlnet: bool):
-    """diffusers' SD3 pipeline, taking zeroconv's call: image= (the condition) and guess_mode (SD3 has none)."""
+def zeroconv_call(name: str):
+    """diffusers' pipeline `name`, taking zeroconv's call: image= (the condition), guess_mode (these transformer
+    pipelines have none) and the run's T5 length by default."""
     import diffusers
 
-    parent = diffusers.StableDiffusion3ControlNetPipeline if with_controlnet else diffusers.StableDiffusion3Pipeline
+    parent = getattr(diffusers, name)
 
     class Pipeline(parent):
         def __call__(self, *args, image=None, guess_mode: bool = False, **kwargs):
             if guess_mode:
-                raise UserError("--guess_mode: StableDiffusion3ControlNetPipeline has no guess mode; drop the flag")
+                raise UserError(f"--guess_mode: {name} has no guess mode; drop the flag")
             kwargs.setdefault("max_sequence_length", self.max_sequence_length)
             if image is not None:
                 kwargs["control_image"] = image
             return super().__call__(*args, **kwargs)
 
-    Pipeline.__name__ = Pipeline.__qualname__ = parent.__name__
+    Pipeline.__name__ = Pipeline.__qualname__ = name
     return Pipeline
