@@ -108,8 +108,9 @@ TASKS = {"fill": ("fill", "fill_iou", False), "canny": ("canny", "edge_f1", True
 def write_init(work: Path, seed: int) -> Path:
     init = work / f"init-{seed}"
     if not (init / "config.json").is_file():
+        # the paper's init, as the peer builds its own ControlNet (from_unet): the race compares training only
         subprocess.run([sys.executable, "-m", "zeroconv", "init", "--base", "toy", "--out", str(init), "--seed",
-                        str(seed)], check=True, capture_output=True)
+                        str(seed), "--condition_encoder_init", "paper"], check=True, capture_output=True)
     return init
 
 
@@ -122,9 +123,13 @@ def train_command(program: str, peer: str, flags: list[str]) -> list[str]:
 def resolved_config(flags: list[str]) -> dict:
     """`zeroconv train`'s resolved config for these flags (every default filled in), less the output folder."""
     from zeroconv.config import TrainConfig, parse, to_dict
+    from zeroconv.models.noise import DDPM_DEFAULT_SAMPLING
 
     config = to_dict(parse(TrainConfig, flags, prog="zeroconv train"))
     config.pop("output_dir")
+    # unset means the DDPM default (the toy base is one): a run recorded as explicitly that is the same run, and a
+    # changed default is a changed value
+    config["timestep_sampling"] = config["timestep_sampling"] or DDPM_DEFAULT_SAMPLING
     return config
 
 

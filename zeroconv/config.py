@@ -250,13 +250,14 @@ class TrainConfig:
         False, "Feed only the middle-block residual to the UNet (the paper's small-scale mode, ~1.6x faster).")
     conditioning_channels: int = option(3, "Channels of the conditioning image: 1 (grayscale), 3 (RGB), 4 (RGBA).",
                                         choices=[1, 3, 4])
-    condition_encoder_init: str = option(
-        "paper", "Initial weights of the ControlNet's condition encoder (the small convnet that brings the condition "
-        "image onto the latent grid). 'paper': PyTorch's default init, as lllyasviel's code and diffusers. "
-        "'unit_variance': He-normal weights, zero biases: the condition reaches the zero convolution 8x stronger "
-        "(the default init weakens it 30-60x), so the hint path learns from the first steps (on the toy Fill "
-        "demo control appears at step 50 instead of 250). Either way the last conv is zero and the untrained "
-        "ControlNet changes nothing.", choices=list(CONDITION_ENCODER_INITS))
+    condition_encoder_init: str | None = option(
+        None, "Initial weights of the ControlNet's condition encoder (the small convnet that brings the condition "
+        "image onto the latent grid; SD and SDXL: SD3 and Flux embed the condition's latents from zero and have "
+        "only 'paper'). Unset: 'unit_variance', He-normal weights, zero biases: the condition reaches the zero "
+        "convolution 8x stronger than with PyTorch's default init (which weakens it 30-60x), so the hint path "
+        "learns from the first steps (Fill demo: fill IoU 0.80 by step 200 instead of 450, the same at step 800). "
+        "'paper': PyTorch's default init, as lllyasviel's code and diffusers. Either way the last conv is zero "
+        "and the untrained ControlNet changes nothing.", choices=list(CONDITION_ENCODER_INITS))
     num_layers: int = option(
         12, "SD3: joint blocks of the ControlNet, copied from the base transformer's first ones (diffusers' "
         "SD3ControlNetModel.from_transformer default, which train_controlnet_sd3.py uses). SD and SDXL copy the "
@@ -392,7 +393,10 @@ class TrainConfig:
         "seeds: fill IoU 0.811 vs 0.671 at step 200; demo: 0.80 reached at step 150 vs 200) but the low-noise steps "
         "that refine it are starved (demo at step 800: fill IoU 0.829 vs 0.871, circle color 0.50 vs 0.75), so it "
         "is not the default (bench/RESULTS.md). logit_normal: SD3's, sigmoid of N(--logit_mean, --logit_std).",
-        choices=["uniform", "cubic", "logit_normal"])
+        choices=["uniform", "cubic", "logit_normal", "cubic_then_uniform"])
+    timestep_switch_fraction: float = option(
+        0.25, "With --timestep_sampling cubic_then_uniform: the fraction of the optimizer steps (of --max_train_steps) "
+        "drawn cubic before the draws turn uniform.")
     logit_mean: float = option(0.0, "Mean of the normal behind --timestep_sampling (or SD3's --weighting_scheme) "
                                "logit_normal.")
     logit_std: float = option(1.0, "Standard deviation of the normal behind --timestep_sampling (or SD3's "
@@ -500,6 +504,9 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--consistency_loss_weight {cfg.consistency_loss_weight}: must be 0 (off) or positive")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise UserError(f"--ema_decay {cfg.ema_decay}: must be between 0 and 1 (e.g. 0.9999)")
+    if not 0.0 <= cfg.timestep_switch_fraction <= 1.0:
+        raise UserError(f"--timestep_switch_fraction {cfg.timestep_switch_fraction}: must be between 0 and 1 (the "
+                        "fraction of --max_train_steps drawn cubic under --timestep_sampling cubic_then_uniform)")
     if cfg.logit_std <= 0:
         raise UserError(f"--logit_std {cfg.logit_std}: must be positive")
     if cfg.num_layers < 1:

@@ -51,9 +51,10 @@ class DemoConfig:
     train_batch_size: int = option(16, "Batch size.")
     learning_rate: float = option(
         1e-3, "ControlNet learning rate: high, because a tiny ControlNet at SD's 1e-5 would need hours to converge.")
-    condition_encoder_init: str = option(
-        "unit_variance", "Initial weights of the ControlNet's condition encoder (see `zeroconv train --help`); "
-        "'paper' shows how much later control appears with the default init.", choices=list(CONDITION_ENCODER_INITS))
+    condition_encoder_init: str | None = option(
+        None, "Initial weights of the ControlNet's condition encoder (unset: `zeroconv train`'s default, "
+        "unit_variance; see its --help); 'paper' shows how much later control appears with PyTorch's default init.",
+        choices=list(CONDITION_ENCODER_INITS))
     cache: str = option("auto", "Cache the training set's latents and text embeddings (`zeroconv train --cache`), "
                         "in OUT/cache; 'off' encodes every batch.", choices=["auto", "off"])
     lr_warmup_steps: int = option(50, "Warm-up steps.")

@@ -101,3 +101,26 @@ def test_unit_variance_init_passes_the_condition_on_at_its_scale(base, vae_scale
 def test_unknown_condition_encoder_init_is_refused(base):
     with pytest.raises(ValueError, match="unit_variance"):
         build_controlnet(base.unet, base.vae_scale_factor, condition_encoder_init="xavier")
+
+
+def test_an_unset_init_builds_zeroconvs_default_unit_variance_and_paper_is_one_flag_away(base, tmp_path):
+    from zeroconv import cli
+
+    def condition_encoder(folder):
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_pretrained(folder).controlnet_cond_embedding.state_dict()
+
+    written = {}
+    for name, flags in {"unset": [], "unit_variance": ["--condition_encoder_init", "unit_variance"],
+                        "paper": ["--condition_encoder_init", "paper"]}.items():
+        assert cli.main(["init", "--base", "toy", "--out", str(tmp_path / name), "--seed", "3", *flags]) == 0
+        written[name] = condition_encoder(tmp_path / name)
+    assert all(torch.equal(written["unset"][k], written["unit_variance"][k]) for k in written["unset"])
+    assert not all(torch.equal(written["unset"][k], written["paper"][k]) for k in written["unset"])
+    family = base.family  # the family resolves it; the textbook builder keeps the paper's init
+    torch.manual_seed(0)
+    unset = family.build_controlnet(base).controlnet_cond_embedding.state_dict()
+    torch.manual_seed(0)
+    unit = build_controlnet(base.unet, base.vae_scale_factor, condition_encoder_init="unit_variance")
+    assert all(torch.equal(unset[k], unit.controlnet_cond_embedding.state_dict()[k]) for k in unset)

@@ -67,3 +67,38 @@ def test_an_unset_density_is_the_ddpm_default_uniform():
     assert TrainConfig().timestep_sampling is None  # unset: the family decides (SD3 draws by --weighting_scheme)
     unset = draw_timesteps(NoiseRecipe(None), 64, T, torch.Generator().manual_seed(5), "cpu")
     assert torch.equal(unset, torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(5)))
+
+
+def test_cubic_then_uniform_draws_cubic_before_the_switch_and_uniform_after():
+    curriculum = NoiseRecipe("cubic_then_uniform", switch_step=3)
+    generator = torch.Generator().manual_seed(11)
+    drawn = [draw_timesteps(curriculum.at_step(step), 8, T, generator, "cpu") for step in range(6)]
+    # the same generator, density by density: three cubic batches, then uniform ones
+    reference = torch.Generator().manual_seed(11)
+    expected = [draw_timesteps(NoiseRecipe("cubic"), 8, T, reference, "cpu") for _ in range(3)]
+    expected += [draw_timesteps(NoiseRecipe("uniform"), 8, T, reference, "cpu") for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, expected))
+    # and the densities themselves: most draws above 0.875 T only before the switch
+    many = NoiseRecipe("cubic_then_uniform", switch_step=1)
+    before = draw_timesteps(many.at_step(0), 50_000, T, torch.Generator().manual_seed(0), "cpu")
+    after = draw_timesteps(many.at_step(1), 50_000, T, torch.Generator().manual_seed(0), "cpu")
+    assert float((before >= 875).double().mean()) == pytest.approx(0.5, abs=0.01)
+    assert float((after >= 875).double().mean()) == pytest.approx(0.125, abs=0.01)
+
+
+def test_the_switch_is_the_fraction_of_the_run():
+    from zeroconv.config import TrainConfig
+    from zeroconv.train.setup import noise_recipe
+
+    cfg = TrainConfig(timestep_sampling="cubic_then_uniform", timestep_switch_fraction=0.25)
+    assert noise_recipe(cfg, 800).switch_step == 200
+    assert noise_recipe(cfg, 10).switch_step == 2  # rounded: 2.5 -> 2 steps cubic
+
+
+def test_a_switch_fraction_outside_0_1_is_refused():
+    from zeroconv.config import TrainConfig, check_train_config
+    from zeroconv.errors import UserError
+
+    with pytest.raises(UserError, match="--timestep_switch_fraction"):
+        check_train_config(TrainConfig(pretrained_model_name_or_path="toy", train_data_dir="d",
+                                       timestep_switch_fraction=1.5))

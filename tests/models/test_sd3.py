@@ -170,6 +170,9 @@ def test_flags_that_do_not_apply_to_sd3_name_themselves(sd3):
                            NoiseRecipe(timestep_sampling="cubic"))
     with pytest.raises(UserError, match="--num_extra_conditioning_channels"):
         family.build_controlnet(sd3, num_layers=1, num_extra_conditioning_channels=1)
+    # zeroconv's default init (unit_variance) is SD's: unset builds SD3's only one, asking for it names the flag
+    with pytest.raises(UserError, match="--condition_encoder_init unit_variance"):
+        family.build_controlnet(sd3, num_layers=1, condition_encoder_init="unit_variance")
 
 
 def test_pipeline_is_the_sd3_controlnet_pipeline_and_makes_an_image(sd3):

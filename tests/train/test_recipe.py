@@ -60,3 +60,24 @@ def test_snr_gamma_and_timestep_sampling_change_the_loss_but_train(tiny_base, ti
         assert losses(out).keys() == losses(plain).keys()
         assert losses(out) != losses(plain), name  # the option reached the step
         assert all(torch.isfinite(torch.tensor(v)) for v in losses(out).values())
+
+
+def test_cubic_then_uniform_trains_as_cubic_until_the_switch_and_resumes_exactly(tiny_base, tiny_dataset, tmp_path):
+    curriculum = dict(timestep_sampling="cubic_then_uniform", timestep_switch_fraction=0.5, checkpointing_steps=2)
+    cubic, straight, resumed = tmp_path / "cubic", tmp_path / "straight", tmp_path / "resumed"
+    assert run_training(tiny_config(tiny_base, tiny_dataset, cubic, timestep_sampling="cubic")) == 0
+    assert run_training(tiny_config(tiny_base, tiny_dataset, straight, **curriculum)) == 0
+    first, second = losses(cubic), losses(straight)
+    assert [first[s] for s in (1, 2)] == [second[s] for s in (1, 2)]  # steps 1-2 of 4: cubic's
+    assert first[3] != second[3]  # then uniform's draws
+    # stopped after step 2 (its checkpoint, as a stopped run leaves it) and resumed: the switch is where it was,
+    # from --max_train_steps and the step reached, so the uniform steps 3-4 draw as in the straight run
+    import shutil
+
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    assert run_training(tiny_config(tiny_base, tiny_dataset, resumed, resume_from_checkpoint="latest",
+                                    **curriculum)) == 0
+    assert {s: v for s, v in losses(resumed).items() if s > 2} == {s: second[s] for s in (3, 4)}
+    a, b = controlnet_weights(straight), controlnet_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,6 +14,10 @@ import torch
 
 from zeroconv.config import CONDITION_ENCODER_INITS
 
+# what `zeroconv train` and `zeroconv init` build for a family with a condition encoder (SD, SDXL) when
+# --condition_encoder_init is unset: on the Fill demo control appears 5x sooner and ends where the paper's init ends
+DEFAULT_CONDITION_ENCODER_INIT = "unit_variance"
+
 # The paper's condition encoder widths for SD's 8x VAE; shallower VAEs (the toy base) take a prefix.
 PAPER_CONDITION_CHANNELS = (16, 32, 96, 256)
 

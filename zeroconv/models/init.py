@@ -27,9 +27,10 @@ class InitConfig:
         None, "Also write the base plus the ControlNet as one original-layout .safetensors (control_model.* keys), "
         "like tool_add_control.py's output (SD 1.x/2.x bases).")
     conditioning_channels: int = option(3, "Channels of the conditioning image: 1, 3 or 4.", choices=[1, 3, 4])
-    condition_encoder_init: str = option(
-        "paper", "Initial weights of the condition encoder: 'paper' (PyTorch default, as diffusers) or "
-        "'unit_variance' (He-normal; see `zeroconv train --help`).", choices=list(CONDITION_ENCODER_INITS))
+    condition_encoder_init: str | None = option(
+        None, "Initial weights of the condition encoder, as `zeroconv train` builds it: unset is 'unit_variance' "
+        "(He-normal) for SD and SDXL; 'paper' is PyTorch's default, as diffusers (see `zeroconv train --help`).",
+        choices=list(CONDITION_ENCODER_INITS))
     seed: int = option(0, "Seed of the condition encoder's initial weights (everything else is copied or zero).")
     revision: str | None = option(None, "Revision of a hub base.")
     prediction_type: str | None = option(

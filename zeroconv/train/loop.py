@@ -26,7 +26,7 @@ def compute_loss(t, batch) -> torch.Tensor:
     family = t.base.family
     latents = t.encoders.latents(batch, t.generator).float()
     noisy_latents, timesteps, target, weights = family.noisy_batch(t.noise_scheduler, latents, t.generator,
-                                                                   t.noise_recipe)
+                                                                   t.noise_recipe.at_step(t.state.global_step))
     # --proportion_empty_prompts (default 0, as diffusers; the paper's 0.5) teaches reading the condition alone.
     prompts = drop_captions(t.encoders.prompts(batch), t.encoders.empty_prompts, t.cfg.proportion_empty_prompts,
                             t.generator)

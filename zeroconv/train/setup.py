@@ -259,10 +259,11 @@ def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
     return identity
 
 
-def noise_recipe(cfg: TrainConfig) -> NoiseRecipe:
+def noise_recipe(cfg: TrainConfig, max_train_steps: int) -> NoiseRecipe:
     return NoiseRecipe(cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.snr_gamma,
                        weighting_scheme=cfg.weighting_scheme, mode_scale=cfg.mode_scale,
-                       precondition_outputs=cfg.precondition_outputs)
+                       precondition_outputs=cfg.precondition_outputs,
+                       switch_step=round(cfg.timestep_switch_fraction * max_train_steps))
 
 
 def tracker_config(cfg: TrainConfig) -> dict:
@@ -427,7 +428,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     logger.info("%d examples, %d optimizer steps, effective batch %d", len(dataset), max_train_steps,
                 cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
-                noise_scheduler=base.noise_scheduler, noise_recipe=noise_recipe(cfg), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                noise_scheduler=base.noise_scheduler, noise_recipe=noise_recipe(cfg, max_train_steps), optimizer=optimizer, lr_scheduler=lr_scheduler,
                 trainable_params=controlnet_params + decoder_params, ema=ema, consistency=consistency, generator=generator, state=state,
                 batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
                 validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,

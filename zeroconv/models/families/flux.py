@@ -102,7 +102,7 @@ class Flux(StableDiffusion3):
         return [base.vae, base.text_encoder, base.text_encoder_2]
 
     # --- the ControlNet -------------------------------------------------------------------------------------
-    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper",
+    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str | None = None,
                          num_layers: int | None = None, num_extra_conditioning_channels: int = 0,
                          num_double_layers: int = DEFAULT_DOUBLE_LAYERS,
                          num_single_layers: int = DEFAULT_SINGLE_LAYERS):
@@ -115,7 +115,7 @@ class Flux(StableDiffusion3):
         if conditioning_channels != 3:
             raise UserError(f"--conditioning_channels {conditioning_channels}: a Flux ControlNet reads the "
                             "condition through the base's VAE, which takes RGB; use 3 (the default)")
-        if condition_encoder_init != "paper":
+        if condition_encoder_init not in (None, "paper"):
             raise UserError(f"--condition_encoder_init {condition_encoder_init}: a Flux ControlNet has no "
                             "condition encoder (the condition is VAE-encoded, packed, then embedded from zero); "
                             "drop the flag")

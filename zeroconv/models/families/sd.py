@@ -96,18 +96,20 @@ class StableDiffusion:
         return torch.float32 if base.upcast_vae else dtype
 
     # --- the ControlNet -------------------------------------------------------------------------------------
-    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper",
+    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str | None = None,
                          num_layers: int | None = None, num_extra_conditioning_channels: int = 0,
                          num_double_layers: int = 4, num_single_layers: int = 10):
         """ControlNetModel.from_unet: a copy of the whole UNet encoder, so the depths of the transformer families
-        (`num_layers`, `num_double_layers`, `num_single_layers`) are not read; extra condition channels are --conditioning_channels here."""
-        from zeroconv.models.controlnet import build_controlnet
+        (`num_layers`, `num_double_layers`, `num_single_layers`) are not read; extra condition channels are
+        --conditioning_channels here. An unset condition encoder init is zeroconv's default, unit_variance."""
+        from zeroconv.models.controlnet import DEFAULT_CONDITION_ENCODER_INIT, build_controlnet
 
         if num_extra_conditioning_channels:
             raise UserError(f"--num_extra_conditioning_channels {num_extra_conditioning_channels}: an SD ControlNet "
                             "reads the condition image's channels; set --conditioning_channels (1, 3 or 4) instead")
 
-        return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels, condition_encoder_init)
+        return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels,
+                                condition_encoder_init or DEFAULT_CONDITION_ENCODER_INIT)
 
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
         from diffusers import ControlNetModel

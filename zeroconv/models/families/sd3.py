@@ -103,7 +103,7 @@ class StableDiffusion3:
         return torch.float32 if base.upcast_vae or base.vae.config.get("force_upcast", False) else dtype
 
     # --- the ControlNet -------------------------------------------------------------------------------------
-    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str = "paper",
+    def build_controlnet(self, base: Base, conditioning_channels: int = 3, condition_encoder_init: str | None = None,
                          num_layers: int = DEFAULT_NUM_LAYERS, num_extra_conditioning_channels: int = 0,
                          num_double_layers: int = 4, num_single_layers: int = 10):
         """SD3ControlNetModel.from_transformer: the transformer's first `num_layers` joint blocks, embeddings
@@ -114,7 +114,7 @@ class StableDiffusion3:
         if conditioning_channels != 3:
             raise UserError(f"--conditioning_channels {conditioning_channels}: an SD3 ControlNet reads the "
                             "condition through the base's VAE, which takes RGB; use 3 (the default)")
-        if condition_encoder_init != "paper":
+        if condition_encoder_init not in (None, "paper"):
             raise UserError(f"--condition_encoder_init {condition_encoder_init}: an SD3 ControlNet has no "
                             "condition encoder (the condition is VAE-encoded, then patch-embedded from zero); "
                             "drop the flag")
