@@ -205,7 +205,8 @@ def score(out: Path, steps: list[int], task: str, held: Path, base) -> dict[str,
     for step in steps:
         if all(step in scores.get(mode, {}) for mode in modes):
             continue
-        pipe = build_pipeline(base, load_controlnet(str(out / f"checkpoint-{step}")), scheduler=SAMPLER["scheduler"])
+        pipe = build_pipeline(base, load_controlnet(str(out / f"checkpoint-{step}"), base.family),
+                              scheduler=SAMPLER["scheduler"])
         for mode, given in modes.items():
             with torch.no_grad():
                 images = pipe(given, image=conditions, num_inference_steps=SAMPLER["inference_steps"],
