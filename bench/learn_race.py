@@ -123,6 +123,7 @@ def train_command(program: str, peer: str, flags: list[str]) -> list[str]:
 def resolved_config(flags: list[str]) -> dict:
     """`zeroconv train`'s resolved config for these flags (every default filled in), less the output folder."""
     from zeroconv.config import TrainConfig, parse, to_dict
+    from zeroconv.models.draws import DRAWS
     from zeroconv.models.noise import DDPM_DEFAULT_SAMPLING
 
     config = to_dict(parse(TrainConfig, flags, prog="zeroconv train"))
@@ -130,6 +131,7 @@ def resolved_config(flags: list[str]) -> dict:
     # unset means the DDPM default (the toy base is one): a run recorded as explicitly that is the same run, and a
     # changed default is a changed value
     config["timestep_sampling"] = config["timestep_sampling"] or DDPM_DEFAULT_SAMPLING
+    config["draws"] = DRAWS  # a run recorded without it drew each batch from one generator: another run
     return config
 
 
@@ -144,7 +146,7 @@ def same_run(recorded: dict, wanted: dict) -> bool:
     now: a new option starts out as the behaviour there was before it (a changed default shows as a changed value)."""
     from zeroconv.config import TrainConfig, to_dict
 
-    defaults = to_dict(TrainConfig())
+    defaults = {**to_dict(TrainConfig()), "draws": "one generator per batch"}
     compared = (recorded.keys() & wanted.keys()) - SPEED_ONLY
     return (all(recorded[key] == wanted[key] for key in compared)
             and all(wanted[key] == defaults[key] for key in wanted.keys() - recorded.keys()))

@@ -156,7 +156,7 @@ def replay_zeroconv(flags: list[str], peer_steps: list[dict]) -> list[dict]:
     """zeroconv's setup and loop with the flags, on the peer's samples, with the peer's draws."""
     from zeroconv.config import TrainConfig, parse
     from zeroconv.data.dataset import collate
-    from zeroconv.train.loop import train_loop
+    from zeroconv.train import loop
     from zeroconv.train.run import setup
 
     # equal settings: the peer's uniform timesteps and live encoding (zeroconv's defaults are cubic and a cache)
@@ -178,8 +178,16 @@ def replay_zeroconv(flags: list[str], peer_steps: list[dict]) -> list[dict]:
     recorder = StepRecorder()
     recorder.replay = [{"posterior_noise": s["posterior_noise"], "noise": s["noise"],
                         "timesteps_drawn": s["timesteps"]} for s in peer_steps]
-    with recorder.installed():
-        train_loop(t)
+    # one generator for the batch, as the peer draws: a whole-batch draw per term, which the replay then replaces
+    # (zeroconv's own runs draw each sample from its (seed, step, index) generator: zeroconv.models.draws)
+    per_sample_loss = loop.compute_loss
+    loop.compute_loss = lambda trainer, batch, generators=None: per_sample_loss(
+        trainer, batch, torch.Generator(trainer.device).manual_seed(0))
+    try:
+        with recorder.installed():
+            loop.train_loop(t)
+    finally:
+        loop.compute_loss = per_sample_loss
     return recorder.steps
 
 

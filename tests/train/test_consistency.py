@@ -43,7 +43,7 @@ def _trainer(tiny_base, tiny_dataset, tmp_path, **flags):
 
 
 def _noisy(t, batch, timestep):
-    latents = t.encoders.latents(batch, t.generator).float()
+    latents = t.encoders.latents(batch, torch.Generator().manual_seed(0)).float()
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
     return latents, noise, timesteps, t.noise_scheduler.add_noise(latents, noise, timesteps)

@@ -59,6 +59,25 @@ def test_two_processes_train_checkpoint_and_resume_exactly(tiny_base, tiny_datas
     assert (summary["processes"], summary["effective_batch"]) == (2, 4)  # 2 per process x 2 processes
 
 
+def test_two_processes_at_half_the_batch_train_the_model_of_one_process(tiny_base, tiny_dataset, tmp_path):
+    """Every sample draws its noise, timestep and posterior from (seed, step, index), and DDP averages the two
+    halves' gradients: 2 processes x batch 2 is the step of 1 process x batch 4, to float rounding."""
+    from tests.train.helpers import run_training, tiny_config
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch_two(tiny_base, tiny_dataset, two, 4)
+    assert run_training(tiny_config(tiny_base, tiny_dataset, one, train_batch_size=4, max_train_steps=4, seed=7,
+                                    learning_rate=1e-4, checkpointing_steps=2)) == 0
+    a, b = controlnet_weights(two), controlnet_weights(one)
+    moved = [k for k in a if not torch.equal(a[k], controlnet_weights(two / "checkpoint-2")[k])]
+    assert moved  # the weights trained on, so agreeing is not the trivial agreement of untouched copies
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    two_losses, one_losses = losses(two), losses(one)
+    assert two_losses.keys() == one_losses.keys() == {1, 2, 3, 4}
+    assert all(two_losses[s] == pytest.approx(one_losses[s], rel=1e-5) for s in two_losses)  # the mean of both ranks
+
+
 @pytest.mark.parametrize("num_samples, world_size, batch_size, workers", [(12, 2, 3, 0), (12, 2, 2, 2), (16, 4, 2, 2)])
 def test_every_sample_once_per_epoch_across_ranks_and_workers(num_samples, world_size, batch_size, workers):
     from zeroconv.data.order import epoch_batches

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from zeroconv.models.draws import Generators
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, scaling_factor: float,
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: Generators, scaling_factor: float,
                    shift_factor: float | None = None) -> torch.Tensor:
-    """A fresh sample of the VAE posterior, exactly as DiagonalGaussianDistribution.sample draws it."""
+    """A fresh sample of the VAE posterior, exactly as DiagonalGaussianDistribution.sample draws it (randn_tensor
+    takes a generator per sample as well)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -22,7 +25,7 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator, device) -> torch.Tensor:
+def encode_latents(vae, pixels: torch.Tensor, generator: Generators, device) -> torch.Tensor:
     """Latents of `pixels` ([-1, 1]) on `device`; the VAE runs on its own device and dtype."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist
     config = vae.config

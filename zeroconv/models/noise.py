@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from zeroconv.models.draws import Generators, per_sample
+
 TIMESTEP_SAMPLINGS = ("uniform", "cubic", "logit_normal", "cubic_then_uniform")
 # what `zeroconv train` draws for a DDPM base when --timestep_sampling is unset: the paper's (cubic learns control
 # sooner but finishes worse on the demo: bench/RESULTS.md)
@@ -59,10 +61,16 @@ class NoiseRecipe:
         return replace(self, step=step)
 
 
-def draw_timesteps(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+def draw_timesteps(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: Generators,
                    device) -> torch.Tensor:
     """Integer timesteps in [0, num_train_timesteps), one per sample, from the recipe's density (None: the DDPM
-    default of `zeroconv train`, uniform)."""
+    default of `zeroconv train`, uniform); with a generator per sample, each draws its own."""
+    return per_sample(generator, batch_size,
+                      lambda g, n: timesteps_of_density(recipe, n, num_train_timesteps, g, device))
+
+
+def timesteps_of_density(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+                         device) -> torch.Tensor:
     sampling = recipe.timestep_sampling or DDPM_DEFAULT_SAMPLING
     if sampling == "cubic_then_uniform":
         sampling = "cubic" if recipe.step < recipe.switch_step else "uniform"
@@ -92,15 +100,16 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return clipped / snr
 
 
-def draw_flow_indices(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+def draw_flow_indices(recipe: NoiseRecipe, batch_size: int, num_train_timesteps: int, generator: Generators,
                       device) -> torch.Tensor:
     """Indices into a FlowMatchEulerDiscreteScheduler's training schedule, one per sample, from the density of
     --weighting_scheme: u from diffusers' compute_density_for_timestep_sampling, then (u * T).long() as the SD3
     script does (its timesteps run from high noise to low, so u near 1 is nearly clean)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    u = compute_density_for_timestep_sampling(recipe.weighting_scheme, batch_size, recipe.logit_mean,
-                                              recipe.logit_std, recipe.mode_scale, device=device, generator=generator)
+    u = per_sample(generator, batch_size, lambda g, n: compute_density_for_timestep_sampling(
+        recipe.weighting_scheme, n, recipe.logit_mean, recipe.logit_std, recipe.mode_scale, device=device,
+        generator=g))
     return (u * num_train_timesteps).long()
 
 

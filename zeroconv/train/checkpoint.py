@@ -14,6 +14,7 @@ identity (base, resolution, architecture) is saved too, and resume refuses a che
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 
 from zeroconv.errors import UserError
+
+logger = logging.getLogger("zeroconv.train")
 
 COMPLETE = "COMPLETE"
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -73,30 +76,33 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def rng_state(generator: torch.Generator) -> dict:
+def rng_state() -> dict:
+    """The global generators' states. A training step draws nothing from them (each sample's draws come from
+    (seed, step, index): zeroconv.models.draws); saved so whatever else draws continues as it would have."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-        "generator_device": str(generator.device),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng_state(state: dict, generator: torch.Generator) -> None:
+def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
+    if "generator" in state:  # written by a zeroconv that drew a whole batch from one run generator
+        logger.warning("this checkpoint comes from a zeroconv that drew each batch's noise from one generator; from "
+                       "here on every sample draws from its own (seed, step, index): the run continues correctly "
+                       "but not bit-identically to how that version would have continued it")
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_state: dict | None, optimizer,
-                    lr_scheduler, scaler, generator: torch.Generator, state: TrainerState, identity: dict,
+                    lr_scheduler, scaler, state: TrainerState, identity: dict,
                     config: dict, total_limit: int | None = None, ema=None) -> Path:
     """Write checkpoint-{step} atomically, then prune old ones. Call on the main process only."""
     from safetensors.torch import save_file
@@ -115,7 +121,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_st
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(rng_state(generator), tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     (tmp / "identity.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
     import yaml
@@ -179,7 +185,7 @@ def check_identity(checkpoint: Path, identity: dict) -> None:
 
 
 def load_checkpoint(checkpoint: Path, *, controlnet, unet, optimizer, lr_scheduler, scaler,
-                    generator: torch.Generator, ema=None) -> TrainerState:
+                    ema=None) -> TrainerState:
     """Restore everything `save_checkpoint` wrote into the live objects; returns the counters."""
     from safetensors.torch import load_file
 
@@ -193,5 +199,5 @@ def load_checkpoint(checkpoint: Path, *, controlnet, unet, optimizer, lr_schedul
     lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=False))
     if scaler is not None and (checkpoint / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
-    restore_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False), generator)
+    restore_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))

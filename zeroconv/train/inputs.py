@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 
 from zeroconv.data.dataset import micro_conditioning  # noqa: F401 - the loop imports it here
+from zeroconv.models.draws import Generators, generator_device, per_sample
 from zeroconv.models.latents import encode_latents, sample_latents
 
 
 def drop_captions(prompts: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], proportion: float,
-                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+                  generator: Generators) -> dict[str, torch.Tensor]:
     """Replace a random `proportion` of captions' encodings (every tensor of the dict, with one draw a sample) by
     the empty prompt's, without a host sync."""
     if proportion <= 0:
         return prompts
     size = next(iter(prompts.values())).shape[0]
-    keep = torch.rand(size, generator=generator, device=generator.device) >= proportion
+    device = generator_device(generator)
+    keep = per_sample(generator, size, lambda g, n: torch.rand(n, generator=g, device=device)) >= proportion
     out = {}
     for name, value in prompts.items():
         mask = keep.to(value.device).view(-1, *([1] * (value.dim() - 1)))
@@ -43,7 +45,7 @@ class LiveEncoders:
         encoded = self.base.family.encode_prompts(self.base, captions, self.device)
         return {name: value.to(self.weight_dtype) for name, value in encoded.items()}
 
-    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, batch: dict, generator: Generators) -> torch.Tensor:
         # the VAE's own dtype: a family may keep it in float32 under mixed precision (SDXL's force_upcast)
         return encode_latents(self.vae, batch["pixel_values"], generator, self.device)
 
@@ -63,7 +65,7 @@ class CachedEncoders:
         self.scaling_factor, self.shift_factor = config.scaling_factor, getattr(config, "shift_factor", None)
         self.release()
 
-    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, batch: dict, generator: Generators) -> torch.Tensor:
         mean = batch["latent_mean"].to(self.device, non_blocking=True)
         std = batch["latent_std"].to(self.device, non_blocking=True)
         return sample_latents(mean, std, generator, self.scaling_factor, self.shift_factor)

@@ -16,23 +16,28 @@ import torch
 import torch.nn.functional as F
 
 from zeroconv.errors import EXIT_NONFINITE, EXIT_OK
+from zeroconv.models.draws import sample_generators
 from zeroconv.train.inputs import drop_captions, micro_conditioning
 
 logger = logging.getLogger("zeroconv.train")
 
 
-def compute_loss(t, batch) -> torch.Tensor:
-    """The family's denoising loss with the ControlNet's residuals added to the frozen denoiser."""
-    family = t.base.family
-    latents = t.encoders.latents(batch, t.generator).float()
-    noisy_latents, timesteps, target, weights = family.noisy_batch(t.noise_scheduler, latents, t.generator,
-                                                                   t.noise_recipe.at_step(t.state.global_step))
+def compute_loss(t, batch, generators=None) -> torch.Tensor:
+    """The family's denoising loss with the ControlNet's residuals added to the frozen denoiser. Every random draw
+    of a sample comes from its own generator, seeded by (seed, step, sample index): the same on any number of
+    processes (zeroconv.models.draws); `generators` replaces them (tests)."""
+    family, step = t.base.family, t.state.global_step
+    if generators is None:
+        generators = sample_generators(t.seed, step, batch["index"].tolist(), t.device)
+    latents = t.encoders.latents(batch, generators).float()
+    noisy_latents, timesteps, target, weights = family.noisy_batch(t.noise_scheduler, latents, generators,
+                                                                   t.noise_recipe.at_step(step))
     # --proportion_empty_prompts (default 0, as diffusers; the paper's 0.5) teaches reading the condition alone.
     prompts = drop_captions(t.encoders.prompts(batch), t.encoders.empty_prompts, t.cfg.proportion_empty_prompts,
-                            t.generator)
+                            generators)
     micro = micro_conditioning(batch, (t.cfg.crops_coords_top_left_h, t.cfg.crops_coords_top_left_w))
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
-    control = family.encode_condition(t.base, cond, t.generator)  # SD: the pixels; SD3: their VAE latents
+    control = family.encode_condition(t.base, cond, generators)  # SD: the pixels; SD3: their VAE latents
     with t.accelerator.autocast():
         pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, control, micro.to(t.device),
                               only_mid_control=t.cfg.only_mid_control, guidance=t.cfg.guidance_scale)
@@ -88,10 +93,12 @@ def train_loop(t) -> int:
         state.global_step += 1
         t.progress.update(1)
 
-        # log: the loss is read back from the device only here
+        # log: the loss is read back from the device only here, averaged over the processes (every rank logs at the
+        # same steps and agreed on the same finite steps, so all take part in the reduction)
         if state.global_step % cfg.logging_steps == 0 or state.global_step == t.max_train_steps:
             elapsed = time.perf_counter() - tick
-            mean_loss = (loss_sum / max(loss_count, 1)).item() if loss_count else float("nan")
+            mean_loss = (accelerator.reduce(loss_sum / loss_count, reduction="mean").item() if loss_count
+                         else float("nan"))
             t.log_step({"loss": mean_loss, "lr": t.lr_scheduler.get_last_lr()[0],
                         "samples_per_s": samples / max(elapsed, 1e-9), "skipped_samples": state.skipped_samples,
                         "nonfinite_steps": state.nonfinite_steps})

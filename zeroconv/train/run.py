@@ -52,7 +52,7 @@ class TrainingRun:
     trainable_params: list[torch.nn.Parameter]
     ema: ControlNetEMA | None
     consistency: ConsistencyReward | None
-    generator: torch.Generator
+    seed: int  # of the data order and of every sample's draws (zeroconv.models.draws)
     state: TrainerState
     batches: Iterator[dict]
     max_train_steps: int
@@ -106,7 +106,7 @@ class TrainingRun:
             path = save_checkpoint(
                 self.cfg.output_dir, self.state.global_step, controlnet=self.accelerator.unwrap_model(self.controlnet),
                 decoder_state=self.decoder_state(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                scaler=self.accelerator.scaler, generator=self.generator, state=self.state, identity=self.identity,
+                scaler=self.accelerator.scaler, state=self.state, identity=self.identity,
                 config=to_dict(self.cfg), total_limit=self.cfg.checkpoints_total_limit, ema=self.ema)
             logger.info("checkpoint saved: %s", path)
         self.accelerator.wait_for_everyone()

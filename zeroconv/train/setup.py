@@ -385,7 +385,6 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         from zeroconv.train.ema import ControlNetEMA
 
         ema = ControlNetEMA(accelerator.unwrap_model(controlnet), cfg.ema_decay)
-    generator = torch.Generator(device=accelerator.device).manual_seed(seed)
     identity = run_identity(cfg, base, accelerator.unwrap_model(controlnet))
     state = TrainerState()
     checkpoint = find_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -395,7 +394,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         check_identity(checkpoint, identity)
         state = load_checkpoint(checkpoint, controlnet=accelerator.unwrap_model(controlnet),
                                 unet=accelerator.unwrap_model(unet), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                scaler=accelerator.scaler, generator=generator, ema=ema)
+                                scaler=accelerator.scaler, ema=ema)
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
 
@@ -429,7 +428,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                 cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
                 noise_scheduler=base.noise_scheduler, noise_recipe=noise_recipe(cfg, max_train_steps), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                trainable_params=controlnet_params + decoder_params, ema=ema, consistency=consistency, generator=generator, state=state,
+                trainable_params=controlnet_params + decoder_params, ema=ema, consistency=consistency, seed=seed, state=state,
                 batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
                 validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,
                 progress=progress)

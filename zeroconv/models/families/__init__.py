@@ -19,6 +19,7 @@ from zeroconv.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from zeroconv.models.draws import Generators
     from zeroconv.models.noise import NoiseRecipe
     from zeroconv.models.parts import Base
 
@@ -56,8 +57,8 @@ class Family(Protocol):
     # what the denoiser reads of a caption, by name (SD: prompt_embeds); the latent cache stores it per caption
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]: ...
     # the ControlNet's input from the condition's [0, 1] pixels (SD: the pixels; SD3: their VAE latents)
-    def encode_condition(self, base: Base, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
-    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator, recipe: NoiseRecipe | None
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator: Generators) -> torch.Tensor: ...
+    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: Generators, recipe: NoiseRecipe | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
     def predicted_clean(self, scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor
                         ) -> torch.Tensor: ...

@@ -132,14 +132,15 @@ class StableDiffusion:
         return {"prompt_embeds": (base.tokenizer.model_max_length, base.text_encoder.config.hidden_size)}
 
     # --- one training step ----------------------------------------------------------------------------------
-    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator, recipe=None):
+    def noisy_batch(self, scheduler, latents: torch.Tensor, generator, recipe=None):
         """(noisy latents, timesteps, loss target, per-sample loss weights or None): DDPM noise at timesteps from
         the recipe's density (uniform by default); the target is the noise, or the velocity for a v-prediction
         base. Random draws in the textbook order: noise, then timesteps."""
+        from zeroconv.models.draws import randn
         from zeroconv.models.noise import NoiseRecipe, draw_timesteps, min_snr_weights
 
         recipe = recipe or NoiseRecipe()
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = randn(latents.shape, generator, latents.device, latents.dtype)
         timesteps = draw_timesteps(recipe, latents.shape[0], scheduler.config.num_train_timesteps, generator,
                                    latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)

@@ -136,7 +136,7 @@ class StableDiffusion3:
 
         return SD3ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
 
-    def encode_condition(self, base: Base, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator) -> torch.Tensor:
         """The ControlNet's input: the condition's VAE latents, a posterior sample (as the SD3 script and
         pipeline), (z - shift) * scale, from pixels mapped to [-1, 1] as the pipeline's image processor does.
         On the VAE's device: a cached run keeps the VAE off the training device."""
@@ -180,16 +180,17 @@ class StableDiffusion3:
         return {"prompt_embeds": (base.tokenizer.model_max_length + length, width), "pooled_prompt_embeds": (pooled,)}
 
     # --- one training step ----------------------------------------------------------------------------------
-    def noisy_batch(self, scheduler, latents: torch.Tensor, generator: torch.Generator, recipe=None):
+    def noisy_batch(self, scheduler, latents: torch.Tensor, generator, recipe=None):
         """(noisy latents, timesteps, velocity target noise - latents, per-sample weights): the SD3 script's flow
         matching. Random draws in its order: noise, then the density's u."""
+        from zeroconv.models.draws import randn
         from zeroconv.models.noise import NoiseRecipe, draw_flow_indices, flow_loss_weights
 
         recipe = recipe or NoiseRecipe()
         if recipe.timestep_sampling not in (None, "uniform") or recipe.snr_gamma is not None:
             raise UserError("--timestep_sampling and --snr_gamma are DDPM options; an SD3 base draws its noise "
                             "levels from --weighting_scheme (logit_normal, mode, cosmap, sigma_sqrt, none); drop them")
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = randn(latents.shape, generator, latents.device, latents.dtype)
         indices = draw_flow_indices(recipe, latents.shape[0], scheduler.config.num_train_timesteps, generator,
                                     latents.device).cpu()
         timesteps = scheduler.timesteps[indices].to(latents.device)
