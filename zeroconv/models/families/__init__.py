@@ -52,6 +52,9 @@ class Family(Protocol):
     def build_controlnet(self, base: Base, conditioning_channels: int, condition_encoder_init: str | None,
                          num_layers: int | None = None, num_extra_conditioning_channels: int = 0,
                          num_double_layers: int = 4, num_single_layers: int = 10): ...  # depths: SD3's, Flux's
+    # a union ControlNet of num_control_types condition types (SDXL's ControlNetUnionModel); UserError elsewhere
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None): ...
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None): ...
     # what the denoiser reads of a caption, by name (SD: prompt_embeds); the latent cache stores it per caption
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]: ...
@@ -66,6 +69,7 @@ class Family(Protocol):
     def denoise(self, unet, controlnet, noisy, timesteps, prompts: dict[str, torch.Tensor], condition,
                 micro: torch.Tensor, only_mid_control: bool = False,
                 guidance: float | None = None) -> torch.Tensor: ...  # guidance: Flux's embedding value
+    # a union ControlNet's call takes control_types=[B, K] bool too, condition [B, K, C, H, W] (SDXL)
     def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"): ...
     def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict: ...
 

@@ -131,6 +131,11 @@ class StableDiffusion3:
         return SD3ControlNetModel.from_transformer(base.unet, num_layers=num_layers,
                                                    num_extra_conditioning_channels=num_extra_conditioning_channels)
 
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None):
+        raise UserError(f"--conditioning_image_columns: zeroconv trains union ControlNets for SDXL only, not "
+                        f"{self.label}; use an SDXL base, or train one condition with --conditioning_image_column")
+
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
         from diffusers import SD3ControlNetModel
 
