@@ -135,3 +135,35 @@ def test_union_flags_are_checked_before_any_model_loads(tiny_sdxl_base, union_da
 
     with pytest.raises(UserError, match=message):
         check_train_config(tiny_config(tiny_sdxl_base, union_dataset, tmp_path, **overrides))
+
+
+def test_flux_union_trains_with_num_mode_and_its_pipeline_takes_control_mode(tiny_flux_base, union_dataset, tmp_path):
+    from diffusers import FluxControlNetModel
+
+    from zeroconv.data.transforms import load_condition
+    from zeroconv.models.base import load_base
+
+    flux = dict(conditioning_image_columns=COLUMNS, num_double_layers=1, num_single_layers=1, max_sequence_length=32,
+                train_batch_size=4, max_train_steps=2, mixed_precision="no")
+    assert run_training(tiny_config(tiny_flux_base, union_dataset, tmp_path / "run", **flux)) == 0
+    model = FluxControlNetModel.from_pretrained(tmp_path / "run")
+    assert model.config.num_mode == 2
+    weights = controlnet_weights(tmp_path / "run")
+    fresh = load_base(str(tiny_flux_base)).family.build_union_controlnet(load_base(str(tiny_flux_base)), 2,
+                                                                         num_double_layers=1, num_single_layers=1)
+    # the mode embedding is read and learned (the one each sample was given)
+    assert not torch.equal(weights["controlnet_mode_embedder.weight"], fresh.state_dict()["controlnet_mode_embedder.weight"])
+    base = load_base(str(tiny_flux_base))
+    base.max_sequence_length = 32
+    pipe = base.family.pipeline(base, model)
+    condition = load_condition(union_dataset / "mask" / "0000.png", 64, 3)
+    image = pipe("a red square", image=condition, control_mode=1, num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_flux_union_refuses_several_types_per_sample(tiny_flux_base, union_dataset, tmp_path):
+    cfg = tiny_config(tiny_flux_base, union_dataset, tmp_path, conditioning_image_columns=COLUMNS,
+                      union_extra_condition_probability=0.3, num_double_layers=1, num_single_layers=1)
+    with pytest.raises(UserError, match="--union_extra_condition_probability: a Flux ControlNet-Union reads one"):
+        run_training(cfg)

@@ -48,8 +48,13 @@ def build_union_controlnet(unet, condition_encoder_channels: tuple[int, ...], co
     return controlnet
 
 
-def is_union(controlnet) -> bool:
-    return "num_control_type" in getattr(controlnet, "config", {}) and hasattr(controlnet, "task_embedding")
+def union_types(controlnet) -> int:
+    """How many condition types a union ControlNet takes (ControlNetUnionModel's num_control_type, a Flux
+    ControlNet-Union's num_mode); 0 for a plain one."""
+    config = controlnet.config
+    if "num_control_type" in config:
+        return config["num_control_type"]
+    return config.get("num_mode") or 0
 
 
 def control_type_vector(types: list[int], num_control_types: int, rows: int, device, dtype) -> torch.Tensor:

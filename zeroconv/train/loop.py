@@ -32,9 +32,9 @@ def compute_loss(t, batch) -> torch.Tensor:
                             t.generator)
     micro = micro_conditioning(batch, (t.cfg.crops_coords_top_left_h, t.cfg.crops_coords_top_left_w))
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
-    control = family.encode_condition(t.base, cond, t.generator)  # SD: the pixels; SD3: their VAE latents
     # a union ControlNet: which condition types each sample was given (the dataset's draw), [B, K] on the CPU
     union = {"control_types": batch["control_types"]} if "control_types" in batch else {}
+    control = family.encode_condition(t.base, cond, t.generator, **union)  # SD: the pixels; SD3: their VAE latents
     with t.accelerator.autocast():
         pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, control, micro.to(t.device),
                               only_mid_control=t.cfg.only_mid_control, guidance=t.cfg.guidance_scale, **union)

@@ -307,19 +307,19 @@ def check_launch(accelerator) -> None:
 def check_union_controlnet(cfg: TrainConfig, controlnet) -> None:
     """A --controlnet_model_name_or_path fits the run: union for a union run (with a control type for every
     condition column: mode k is column k), plain for a plain one."""
-    from zeroconv.models.union import is_union
+    from zeroconv.models.union import union_types
 
-    columns = union_columns(cfg)
+    columns, types = union_columns(cfg), union_types(controlnet)
     where = f"--controlnet_model_name_or_path {cfg.controlnet_model_name_or_path}"
-    if columns and not is_union(controlnet):
+    if columns and not types:
         raise UserError(f"{where}: a plain ControlNet, and --conditioning_image_columns trains a union one; start "
-                        "from a ControlNetUnionModel, or drop --controlnet_model_name_or_path")
-    if not columns and is_union(controlnet):
-        raise UserError(f"{where}: a union ControlNet (ControlNetUnionModel); name its condition columns with "
+                        "from a union ControlNet, or drop --controlnet_model_name_or_path")
+    if not columns and types:
+        raise UserError(f"{where}: a union ControlNet of {types} condition types; name its condition columns with "
                         "--conditioning_image_columns (control mode k is column k)")
-    if columns and controlnet.config.num_control_type < len(columns):
-        raise UserError(f"{where}: {controlnet.config.num_control_type} control types, fewer than the "
-                        f"{len(columns)} columns of --conditioning_image_columns")
+    if columns and types < len(columns):
+        raise UserError(f"{where}: {types} control types, fewer than the {len(columns)} columns of "
+                        "--conditioning_image_columns")
 
 
 def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None = None) -> dict:
@@ -349,8 +349,10 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         controlnet = family.load_controlnet(cfg.controlnet_model_name_or_path, cache_dir=cfg.cache_dir)
         check_union_controlnet(cfg, controlnet)
     elif union_columns(cfg):
-        controlnet = family.build_union_controlnet(base, len(union_columns(cfg)), cfg.conditioning_channels,
-                                                   cfg.condition_encoder_init)
+        controlnet = family.build_union_controlnet(
+            base, len(union_columns(cfg)), cfg.conditioning_channels, cfg.condition_encoder_init,
+            several_per_sample=cfg.union_extra_condition_probability > 0, num_double_layers=cfg.num_double_layers,
+            num_single_layers=cfg.num_single_layers)
     else:
         controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init,
                                              num_layers=cfg.num_layers,

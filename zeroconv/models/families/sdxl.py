@@ -123,9 +123,11 @@ class StableDiffusionXL(StableDiffusion):
 
     # --- the ControlNet -------------------------------------------------------------------------------------
     def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
-                               condition_encoder_init: str | None = None):
+                               condition_encoder_init: str | None = None, several_per_sample: bool = False,
+                               num_double_layers: int = 4, num_single_layers: int = 10):
         """A ControlNetUnionModel of `num_control_types` condition types (zeroconv.models.union), the condition
-        encoder as the plain ControlNet's (unit_variance unless told otherwise)."""
+        encoder as the plain ControlNet's (unit_variance unless told otherwise); it takes several types per sample.
+        The depths are Flux's and are not read."""
         from zeroconv.models.controlnet import DEFAULT_CONDITION_ENCODER_INIT, build_controlnet
 
         return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels,
