@@ -618,3 +618,16 @@ def check_union(cfg: TrainConfig) -> None:
     if cfg.validation_condition and len(cfg.validation_condition) != len(cfg.validation_image or []):
         raise UserError(f"--validation_condition: {len(cfg.validation_condition)} types for "
                         f"{len(cfg.validation_image or [])} --validation_image; give one type per image")
+
+
+def validation_condition_types(cfg: TrainConfig) -> list[str]:
+    """The condition type (a --conditioning_image_columns column) of each validation pair, in validation_pairs'
+    order: the type of its --validation_image (--validation_condition; the first column where unset). [] for a
+    plain ControlNet."""
+    columns = union_columns(cfg)
+    if not columns:
+        return []
+    images = cfg.validation_image or []
+    types = cfg.validation_condition or [columns[0]] * len(images)
+    pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
+    return [types[0]] * len(pairs) if len(images) == 1 else list(types[:len(pairs)])

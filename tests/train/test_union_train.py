@@ -167,3 +167,34 @@ def test_flux_union_refuses_several_types_per_sample(tiny_flux_base, union_datas
                       union_extra_condition_probability=0.3, num_double_layers=1, num_single_layers=1)
     with pytest.raises(UserError, match="--union_extra_condition_probability: a Flux ControlNet-Union reads one"):
         run_training(cfg)
+
+
+def test_validation_samples_each_condition_with_its_mode_and_reports_it_separately(tiny_sdxl_base, tmp_path,
+                                                                                   monkeypatch):
+    import json
+
+    from zeroconv.testing import make_union_dataset
+    from zeroconv.train import validate
+
+    # columns named after metrics: each type is scored with its own (grayscale similarity, canny F1)
+    data = make_union_dataset(tmp_path / "data", n=4, columns=("grayscale", "canny"))
+    modes = []
+    generate = validate.generate
+
+    def recording(*args, **kwargs):
+        modes.append(args[-1] if len(args) > 7 else kwargs.get("control_modes"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "generate", recording)
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_sdxl_base, data, out, conditioning_image_columns="grayscale,canny", max_train_steps=1,
+                      validation_prompt=["a red square"],
+                      validation_image=[str(data / "canny" / "0000.png"), str(data / "grayscale" / "0001.png")],
+                      validation_condition=["canny", "grayscale"], num_validation_images=1, validation_inference_steps=2)
+    assert run_training(cfg) == 0
+    assert modes == [[1, 0], [1, 0]]  # the baseline and the final validation, each pair with its type's mode
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = {key for row in rows for key in row if key.startswith("validation/")}
+    assert any(k.startswith("validation/grayscale/") for k in keys) and any(k.startswith("validation/canny/") for k in keys)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert any(key.startswith("canny/") for key in json.dumps(summary).split('"'))

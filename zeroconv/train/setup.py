@@ -304,6 +304,12 @@ def check_launch(accelerator) -> None:
                         "whole state, which zeroconv's checkpoints save and resume exactly")
 
 
+def metric_names() -> set[str]:
+    from zeroconv.evaluate.metrics import METRICS
+
+    return set(METRICS)
+
+
 def check_union_controlnet(cfg: TrainConfig, controlnet) -> None:
     """A --controlnet_model_name_or_path fits the run: union for a union run (with a control type for every
     condition column: mode k is column k), plain for a plain one."""
@@ -444,7 +450,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             pin_memory=accelerator.device.type == "cuda", bucket_of=bucket_of)
-    metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None)
+    # a union run without --validation_metric scores each condition type named after a metric (validate.py)
+    metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None) or next(
+        (name for name in union_columns(cfg) if name in metric_names()), None)
     metric_fn = None
     if metric_name:
         from zeroconv.evaluate.metrics import METRICS, get_metric
