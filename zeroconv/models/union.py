@@ -71,7 +71,7 @@ def union_residuals(controlnet, noisy_latents, timesteps, encoder_hidden_states,
     conditions: [B, K, C, H, W], slot k the condition of type k (what a sample was not given is never read);
     control_types: [B, K] bool, on the CPU (the grouping is decided there, without a device sync)."""
     control_types = control_types.cpu().bool()
-    num_types = controlnet.config.num_control_type
+    num_types = getattr(controlnet, "module", controlnet).config.num_control_type  # DDP wraps it in .module
     groups = torch.unique(control_types, dim=0)
     order, downs, mids = [], [], []
     for group in groups:
