@@ -311,6 +311,23 @@ class TrainConfig:
     image_column: str = option("image", "Dataset column holding the target image.")
     conditioning_image_column: str = option("conditioning_image", "Dataset column holding the conditioning image.")
     caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
+    conditioning_image_columns: str | None = option(
+        None, "Train one union ControlNet (diffusers' ControlNetUnionModel, SDXL only) on several condition types: "
+        "comma-separated dataset columns, one per type, e.g. 'depth,canny' (imagefolder: depth_file_name, "
+        "canny_file_name in metadata.jsonl; datasets and --jsonl_for_train: the column names). Control mode k (the "
+        "pipeline's control_mode) is the k-th column. Each sample draws which types it is given (see "
+        "--union_condition_weights and --union_extra_condition_probability) per (seed, epoch, sample), like its "
+        "flip, so a resume sees the same draws; only those conditions are read. Instead of "
+        "--conditioning_image_column. Not with --condition, --consistency_loss_weight or --cache on/only (auto "
+        "encodes live).", metavar="COLUMN,COLUMN,...")
+    union_condition_weights: str | None = option(
+        None, "Union ControlNet: comma-separated weights of the condition types, one per "
+        "--conditioning_image_columns column: each sample's first type is drawn with these weights (normalised). "
+        "Unset: equal weights.", metavar="W,W,...")
+    union_extra_condition_probability: float = option(
+        0.0, "Union ControlNet: the probability that each other type is given to a sample too, independently, so "
+        "the network learns to combine conditions. Type k is then given with probability w_k + (1 - w_k) p (w_k "
+        "its normalised weight). 0: exactly one type per sample, as sampling with one control_mode.")
     max_train_samples: int | None = option(None, "Use only the first N examples (debugging, quick runs).")
     resolution: int = option(512, "Training resolution: shorter side resized to it, then cropped square (centered; "
                              "see --random_crop; --aspect_buckets for other shapes). Must be divisible by 8.")
@@ -456,6 +473,10 @@ class TrainConfig:
         None, "Prompts for validation; pair one-to-one with --validation_image, or give one for all.")
     validation_image: list[str] | None = option(
         None, "Conditioning images for validation; pair one-to-one with --validation_prompt, or give one for all.")
+    validation_condition: list[str] | None = option(
+        None, "Union ControlNet: the condition type (a --conditioning_image_columns column) of each "
+        "--validation_image, one-to-one; it is sampled with that control_mode and its metrics are reported under "
+        "validation/<type>/. Unset: every validation image is the first column's type.")
     num_validation_images: int = option(4, "Images generated per (prompt, condition) pair at each validation.")
     validation_steps: int = option(100, "Validate every N optimizer steps.")
     validation_inference_steps: int = option(20, "Denoising steps of each validation sample.")
@@ -535,8 +556,79 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
             raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (pixels from the top/left edge)")
     if cfg.conditioning_channels not in (1, 3, 4):
         raise UserError(f"--conditioning_channels {cfg.conditioning_channels}: must be 1, 3 or 4")
+    check_union(cfg)
     pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
     for image, _prompt in pairs:
         if not Path(image).is_file():
             raise UserError(f"--validation_image {image}: no such file")
     return pairs
+
+
+def union_columns(cfg: TrainConfig) -> list[str]:
+    """The condition columns of a union ControlNet (--conditioning_image_columns), in control-mode order; []
+    for a plain ControlNet."""
+    if not cfg.conditioning_image_columns:
+        return []
+    return [column.strip() for column in cfg.conditioning_image_columns.split(",")]
+
+
+def union_weights(cfg: TrainConfig) -> list[float]:
+    """Each condition type's normalised weight of being a sample's first type (--union_condition_weights)."""
+    columns = union_columns(cfg)
+    if not cfg.union_condition_weights:
+        return [1.0 / len(columns)] * len(columns)
+    weights = [float(w) for w in cfg.union_condition_weights.split(",")]
+    return [w / sum(weights) for w in weights]
+
+
+def check_union(cfg: TrainConfig) -> None:
+    columns = union_columns(cfg)
+    if not columns:
+        for flag in ("union_condition_weights", "validation_condition"):
+            if getattr(cfg, flag):
+                raise UserError(f"--{flag} is for a union ControlNet; give its condition columns with "
+                                "--conditioning_image_columns, or drop it")
+        return
+    flag = f"--conditioning_image_columns {cfg.conditioning_image_columns}"
+    if any(not column for column in columns) or len(set(columns)) != len(columns):
+        raise UserError(f"{flag}: every column once, comma-separated without empty names (e.g. depth,canny)")
+    if len(columns) < 2:
+        raise UserError(f"{flag}: a union ControlNet of one condition type is a plain one; give two columns or "
+                        "more, or use --conditioning_image_column")
+    for other, why in (("condition", cfg.condition), ("consistency_loss_weight", cfg.consistency_loss_weight)):
+        if why:
+            raise UserError(f"{flag} with --{other}: not supported for union ControlNets yet; the conditions come "
+                            f"from the dataset's columns; drop --{other}")
+    if cfg.cache in ("on", "only"):
+        raise UserError(f"{flag} with --cache {cfg.cache}: the latent cache holds one condition per image; use "
+                        "--cache auto (which encodes a union run live) or off")
+    if cfg.union_condition_weights:
+        try:
+            weights = [float(w) for w in cfg.union_condition_weights.split(",")]
+        except ValueError:
+            weights = []
+        if len(weights) != len(columns) or any(w < 0 for w in weights) or not sum(weights) > 0:
+            raise UserError(f"--union_condition_weights {cfg.union_condition_weights}: give {len(columns)} numbers "
+                            f"of 0 or more, not all 0, comma-separated, one per column of {flag}")
+    if not 0.0 <= cfg.union_extra_condition_probability <= 1.0:
+        raise UserError(f"--union_extra_condition_probability {cfg.union_extra_condition_probability}: must be "
+                        "between 0 and 1")
+    for name in cfg.validation_condition or []:
+        if name not in columns:
+            raise UserError(f"--validation_condition {name}: not one of the condition columns ({', '.join(columns)})")
+    if cfg.validation_condition and len(cfg.validation_condition) != len(cfg.validation_image or []):
+        raise UserError(f"--validation_condition: {len(cfg.validation_condition)} types for "
+                        f"{len(cfg.validation_image or [])} --validation_image; give one type per image")
+
+
+def validation_condition_types(cfg: TrainConfig) -> list[str]:
+    """The condition type (a --conditioning_image_columns column) of each validation pair, in validation_pairs'
+    order: the type of its --validation_image (--validation_condition; the first column where unset). [] for a
+    plain ControlNet."""
+    columns = union_columns(cfg)
+    if not columns:
+        return []
+    images = cfg.validation_image or []
+    types = cfg.validation_condition or [columns[0]] * len(images)
+    pairs = validation_pairs(cfg.validation_prompt, cfg.validation_image)
+    return [types[0]] * len(pairs) if len(images) == 1 else list(types[:len(pairs)])

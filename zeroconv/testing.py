@@ -402,3 +402,30 @@ def make_image_dataset(out_dir: str | Path, n: int = 8, size: int = 64, layout: 
     else:
         raise ValueError(f"unknown layout {layout!r}")
     return out_dir
+
+
+def make_union_dataset(out_dir: str | Path, n: int = 8, size: int = 64, columns: tuple[str, ...] = ("mask", "outline"),
+                       seed: int = 0) -> Path:
+    """An imagefolder dataset with one condition column per name in `columns` (metadata.jsonl keys
+    <name>_file_name): make_image_dataset's squares, whose conditions are the filled square ("mask") and its
+    outline ("outline"; any further name gets the square's inverse)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    out_dir = Path(make_image_dataset(out_dir, n=n, size=size, layout="imagefolder", seed=seed))
+    rows = [json.loads(line) for line in (out_dir / "metadata.jsonl").read_text().splitlines()]
+    for column in columns:
+        (out_dir / column).mkdir(exist_ok=True)
+    for row in rows:
+        mask = np.asarray(Image.open(out_dir / row.pop("conditioning_image_file_name")).convert("L")) > 127
+        inner = np.zeros_like(mask)
+        inner[1:-1, 1:-1] = mask[2:, 1:-1] & mask[:-2, 1:-1] & mask[1:-1, 2:] & mask[1:-1, :-2] & mask[1:-1, 1:-1]
+        drawn = {"mask": mask, "outline": mask & ~inner}
+        for column in columns:
+            pixels = drawn.get(column, ~mask)
+            Image.fromarray((pixels * 255).astype(np.uint8)).convert("RGB").save(out_dir / column / row["file_name"])
+            row[f"{column}_file_name"] = f"{column}/{row['file_name']}"
+    (out_dir / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out_dir

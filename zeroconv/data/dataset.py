@@ -10,6 +10,11 @@ Bad data does not stop a run: an unreadable, truncated or empty file is replaced
 (i+1, i+2, ... wrapping), so every batch keeps its shape; one log line names the file and the reason, and the
 item's "skipped" counts the replacements (the loop sums them); a replacement is fitted to the bucket of the index
 asked for, so a bucket's batch keeps its shape. `strict_data=True` raises instead.
+
+A union ControlNet's dataset (`union_weights`: one weight per condition type) draws which types sample i is given
+in epoch e from its own generator of (seed, e, i): the first type by the weights, each other one with probability
+`union_extra_probability`. Only those conditions are read; the item's "conditioning_pixel_values" is [K, C, H, W]
+(zeros where a type is not given, which the union ControlNet never reads) and "control_types" [K] bool.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from PIL import Image
 
 from zeroconv.data.conditions import BadInput
-from zeroconv.data.sources import Example, Examples, source_label
+from zeroconv.data.sources import Example, Examples, open_image, source_label
 from zeroconv.data.transforms import Crop, PairedTransform, upright_size
 from zeroconv.errors import UserError
 
@@ -48,15 +53,17 @@ def describe(exc: BaseException) -> str:
 class ControlNetDataset(torch.utils.data.Dataset):
     def __init__(self, examples: Examples, transform: PairedTransform, seed: int = 0, random_flip: bool = False,
                  strict_data: bool = False, condition_fn: Callable[[Image.Image], Image.Image] | None = None,
-                 buckets: list[tuple[int, int]] | None = None, bucket_of: list[int] | None = None):
+                 buckets: list[tuple[int, int]] | None = None, bucket_of: list[int] | None = None,
+                 union_weights: list[float] | None = None, union_extra_probability: float = 0.0):
         self.examples, self.transform = examples, transform
         # (width, height) of each bucket, and each sample's bucket; None: every sample R x R
         self.buckets, self.bucket_of = buckets, bucket_of
         self.seed, self.random_flip, self.strict_data = seed, random_flip, strict_data
         self.condition_fn = condition_fn
+        self.union_weights, self.union_extra_probability = union_weights, union_extra_probability
         self.epoch = 0
         self.reported: set[int] = set()  # bad indices already logged by this process
-        if condition_fn is None and len(examples) and examples[0].conditioning_image is None:
+        if condition_fn is None and not union_weights and len(examples) and examples[0].conditioning_image is None:
             raise UserError("the dataset has no conditioning images; compute them with --condition")
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,7 +80,21 @@ class ControlNetDataset(torch.utils.data.Dataset):
         crop_draw = (float(crop_rows), float(crop_columns))
         return bool(self.random_flip and flip_draw < 0.5), float(caption_draw), crop_draw
 
+    def union_draw(self, index: int) -> np.ndarray:
+        """Which condition types sample `index` is given in the current epoch, [K] bool: the first drawn by
+        `union_weights`, each other with probability `union_extra_probability`, so type k is given with
+        probability w_k + (1 - w_k) p. From a generator of its own (seed, epoch, index, 2): the flip, caption and
+        crop draws stay what they are in a plain run."""
+        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index, 2])
+        weights = np.asarray(self.union_weights, dtype=np.float64)
+        first = rng.choice(len(weights), p=weights / weights.sum())
+        given = rng.random(len(weights)) < self.union_extra_probability
+        given[first] = True
+        return given
+
     def __getitem__(self, index: int) -> dict:
+        if self.union_weights:
+            return self.union_item(index)
         flip, caption_draw, crop_draw = self.draws(index)
         target = self.buckets[self.bucket_of[index]] if self.buckets else None
         first_failure = None
@@ -128,6 +149,56 @@ class ControlNetDataset(torch.utils.data.Dataset):
             raise BadSample(example.name, describe(exc)) from exc
 
 
+    def union_item(self, index: int) -> dict:
+        """__getitem__ of a union dataset: as a plain one, with the conditions of the types drawn."""
+        flip, caption_draw, crop_draw = self.draws(index)
+        given = self.union_draw(index)
+        target = self.buckets[self.bucket_of[index]] if self.buckets else None
+        first_failure = None
+        for skipped in range(len(self)):
+            j = (index + skipped) % len(self)
+            example = self.examples[j]
+            try:
+                pixel_values, conditions, crop = self.load_union(example, flip, given, crop_draw, target)
+            except BadSample as bad:
+                if self.strict_data:
+                    raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
+                                    "or drop --strict_data to skip such samples") from None
+                if j not in self.reported:
+                    self.reported.add(j)
+                    logger.warning("skipping unreadable sample %s (%s)", bad.label, bad.reason)
+                first_failure = first_failure or bad
+                continue
+            return {"pixel_values": pixel_values, "conditioning_pixel_values": conditions,
+                    "control_types": torch.from_numpy(given), "size_and_crop": torch.tensor(crop.size_and_crop(flip)),
+                    "caption": pick_caption(example.caption, caption_draw), "index": j, "skipped": skipped}
+        raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
+                        "check the dataset's image files")
+
+    def load_union(self, example: Example, flip: bool, given: np.ndarray, crop_draw: tuple[float, float],
+                   target: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, Crop]:
+        """(image in [-1, 1], the given conditions [K, C, H, W] in [0, 1], where the crop lies)."""
+        try:
+            image = example.open_image()
+        except DATA_ERRORS as exc:
+            raise BadSample(source_label(example.image) or f"{example.name} image", describe(exc)) from exc
+        crop = self.transform.crop(upright_size(image), crop_draw, target)
+        try:
+            pixel_values = self.transform.image_tensor(image, flip, crop.centering, crop.target)
+        except DATA_ERRORS as exc:
+            raise BadSample(example.name, describe(exc)) from exc
+        channels = self.transform.conditioning_channels
+        conditions = torch.zeros(len(given), channels, *pixel_values.shape[-2:])
+        for k in np.flatnonzero(given):
+            source = example.conditioning_images[k]
+            try:
+                conditions[k] = self.transform.condition_tensor(open_image(source), flip, crop.centering, crop.target)
+            except DATA_ERRORS as exc:
+                label = source_label(source) or f"{example.name} conditioning image {k}"
+                raise BadSample(label, describe(exc)) from exc
+        return pixel_values, conditions, crop
+
+
 def pick_caption(caption: str | list[str], draw: float) -> str:
     if isinstance(caption, str):
         return caption
@@ -142,6 +213,8 @@ def collate(batch: list[dict]) -> dict:
         "caption": [item["caption"] for item in batch],
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
         "skipped": sum(item["skipped"] for item in batch),
+        **({"control_types": torch.stack([item["control_types"] for item in batch])}
+           if "control_types" in batch[0] else {}),
     }
 
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from zeroconv.config import check_train_config
+from zeroconv.config import check_train_config, union_columns
 from zeroconv.errors import UserError
 from zeroconv.jsonl import read_rows
 
@@ -76,12 +76,14 @@ def source_label(source: ImageSource) -> str | None:
 class Example:
     """One training row. `image`/`conditioning_image` are sources, decoded by `open_image()`.
 
-    conditioning_image is None when the condition is computed from the image (--condition)."""
+    conditioning_image is None when the condition is computed from the image (--condition). A union ControlNet's
+    row has one condition per type instead, `conditioning_images` (--conditioning_image_columns' order)."""
 
     image: ImageSource
     conditioning_image: ImageSource | None
     caption: str | list[str]
     name: str
+    conditioning_images: tuple[ImageSource, ...] | None = None
 
     def open_image(self) -> Image.Image:
         return open_image(self.image)
@@ -116,7 +118,7 @@ class FileExamples(Examples):
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode())
         for row in self.rows:
-            for path in (row.image, row.conditioning_image):
+            for path in (row.image, row.conditioning_image, *(row.conditioning_images or ())):
                 if path is None:
                     digest.update(b"-")
                     continue
@@ -130,15 +132,18 @@ class DatasetExamples(Examples):
     """Rows of a `datasets.Dataset`; image columns are read undecoded and decoded on `open_image()`."""
 
     def __init__(self, dataset, image_column: str, conditioning_column: str | None, caption_column: str,
-                 identity: dict, description: str):
+                 identity: dict, description: str, union_columns: list[str] | None = None):
         import datasets
 
-        for column in (image_column, conditioning_column):
+        union_columns = union_columns or []
+        for column in (image_column, conditioning_column, *union_columns):
             if column is not None and isinstance(dataset.features[column], datasets.Image):
                 dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        self.dataset = dataset.select_columns([c for c in (image_column, conditioning_column, caption_column) if c])
+        self.dataset = dataset.select_columns([c for c in (image_column, conditioning_column, *union_columns,
+                                                           caption_column) if c])
         self.image_column, self.conditioning_column, self.caption_column = image_column, conditioning_column, \
             caption_column
+        self.union_columns = union_columns
         self.identity, self.description = identity, description
 
     def __len__(self) -> int:
@@ -150,7 +155,8 @@ class DatasetExamples(Examples):
         index %= len(self)
         row = self.dataset[index]
         cond = row[self.conditioning_column] if self.conditioning_column else None
-        return Example(row[self.image_column], cond, caption_value(row[self.caption_column]), f"row {index}")
+        union = tuple(row[column] for column in self.union_columns) or None
+        return Example(row[self.image_column], cond, caption_value(row[self.caption_column]), f"row {index}", union)
 
     def fingerprint(self) -> str:
         identity = dict(self.identity, dataset_fingerprint=self.dataset._fingerprint)
@@ -290,7 +296,7 @@ def pick_columns(cfg, columns: dict[str, str], visible: list[str], where: str) -
 
     image = key_for("image_column", cfg.image_column)
     cond = None
-    if not cfg.condition:
+    if not cfg.condition and not union_columns(cfg):
         cond = key_for("conditioning_image_column", cfg.conditioning_image_column,
                        " (or compute the condition from the image with --condition)")
     return image, cond, key_for("caption_column", cfg.caption_column)
@@ -299,6 +305,24 @@ def pick_columns(cfg, columns: dict[str, str], visible: list[str], where: str) -
 # ----------------------------------------------------------------------------------------------------------------
 # Local layouts
 # ----------------------------------------------------------------------------------------------------------------
+
+def pick_union_columns(cfg, columns: dict[str, str], visible: list[str], where: str) -> list[str]:
+    """The keys of the --conditioning_image_columns columns (none for a plain ControlNet)."""
+    keys = []
+    for column in union_columns(cfg):
+        if column not in columns:
+            raise UserError(f"--conditioning_image_columns {cfg.conditioning_image_columns}: no column {column!r} "
+                            f"in {where}; columns are: {', '.join(visible)}")
+        keys.append(columns[column])
+    return keys
+
+
+def refuse_union(cfg, layout: str) -> None:
+    if union_columns(cfg):
+        raise UserError(f"--conditioning_image_columns: the {layout} layout has one conditioning image per row; "
+                        "give a union ControlNet's conditions as named columns: an imagefolder metadata.jsonl "
+                        "(depth_file_name, canny_file_name, ...), a datasets dataset or --jsonl_for_train")
+
 
 def read_metadata_rows(metadata: Path) -> list[tuple[int, dict]]:
     """(line number, row) of a metadata.jsonl or metadata.csv."""
@@ -328,17 +352,22 @@ def read_imagefolder(metadata: Path, cfg) -> Examples:
     columns.update({key: key for key in keys if key not in columns})  # the raw keys are accepted too
     where = str(metadata)
     image_key, cond_key, caption_key = pick_columns(cfg, columns, visible, where)
+    union_keys = pick_union_columns(cfg, columns, visible, where)
     examples = []
     for line, row in rows:
         where = f"{metadata} line {line}"
         paths = [None if key is None else existing_file(root, row.get(key), where, key) for key in (image_key, cond_key)]
-        examples.append(Example(paths[0], paths[1], caption_value(row.get(caption_key)), paths[0]))
+        union = tuple(existing_file(root, row.get(key), where, key) for key in union_keys) or None
+        examples.append(Example(paths[0], paths[1], caption_value(row.get(caption_key)), paths[0], union))
     columns_used = {"image": image_key, "conditioning": cond_key, "caption": caption_key}
+    if union_keys:  # only then: a plain run's fingerprint stays what it was
+        columns_used["union"] = union_keys
     return FileExamples(examples, identity_of(cfg, "imagefolder", columns_used), f"imagefolder layout {metadata}")
 
 
 def read_fill50k(prompt_file: Path, cfg) -> Examples:
     """Fill50K's prompt.json: one JSON object per line (a single JSON list is read too)."""
+    refuse_union(cfg, "Fill50K")
     text = prompt_file.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
@@ -385,6 +414,7 @@ def images_by_stem(folder: Path) -> dict[str, Path]:
 
 
 def read_kohya(images_dir: Path, cond_dir: Path | None, cfg, flag: str) -> Examples:
+    refuse_union(cfg, "kohya (images/ + conditioning/)")
     images = images_by_stem(images_dir)
     conditions = images_by_stem(cond_dir) if cond_dir is not None else {}
     stems = first_n(sorted(images), cfg)
@@ -467,7 +497,11 @@ def train_split(dataset, where: str):
 def from_dataset(dataset, cfg, where: str, description: str) -> Examples:
     available = list(dataset.column_names)
     image, cond, caption = pick_columns(cfg, {c: c for c in available}, available, where)
+    union = pick_union_columns(cfg, {c: c for c in available}, available, where)
     if cfg.max_train_samples and cfg.max_train_samples < len(dataset):
         dataset = dataset.select(range(cfg.max_train_samples))
-    identity = identity_of(cfg, "datasets", {"image": image, "conditioning": cond, "caption": caption})
-    return DatasetExamples(dataset, image, cond, caption, identity, description)
+    columns = {"image": image, "conditioning": cond, "caption": caption}
+    if union:
+        columns["union"] = union
+    identity = identity_of(cfg, "datasets", columns)
+    return DatasetExamples(dataset, image, cond, caption, identity, description, union)

@@ -183,12 +183,23 @@ class PairedTransform:
 
     def __call__(self, image: Image.Image, condition: Image.Image, flip: bool = False,
                  centering: tuple[float, float] = CENTER, size: tuple[int, int] | None = None):
+        return self.image_tensor(image, flip, centering, size), self.condition_tensor(condition, flip, centering, size)
+
+    def image_tensor(self, image: Image.Image, flip: bool = False, centering: tuple[float, float] = CENTER,
+                     size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The target image as trained on, [3, H, W] in [-1, 1]."""
         image = self.fit_image(image, centering, size)
-        condition = self.fit(to_condition_mode(condition, self.conditioning_channels), centering, size)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(image, -1.0, 1.0)
+
+    def condition_tensor(self, condition: Image.Image, flip: bool = False, centering: tuple[float, float] = CENTER,
+                         size: tuple[int, int] | None = None) -> torch.Tensor:
+        """A condition on its image's pixels, [C, H, W] in [0, 1] (a union ControlNet's row has several)."""
+        condition = self.fit(to_condition_mode(condition, self.conditioning_channels), centering, size)
+        if flip:
             condition = condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(image, -1.0, 1.0), to_tensor(condition)
+        return to_tensor(condition)
 
 
 def load_condition(path: str | Path, resolution: int, channels: int, interpolation: str = "bilinear") -> torch.Tensor:

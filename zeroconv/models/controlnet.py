@@ -30,15 +30,22 @@ def condition_encoder_channels(vae_scale_factor: int) -> tuple[int, ...]:
 
 
 def build_controlnet(unet, vae_scale_factor: int = 8, conditioning_channels: int = 3,
-                     condition_encoder_init: str = "paper"):
-    """A fresh ControlNet whose encoder is a copy of `unet`'s and whose zero convs output exactly zero."""
+                     condition_encoder_init: str = "paper", num_control_types: int = 0):
+    """A fresh ControlNet whose encoder is a copy of `unet`'s and whose zero convs output exactly zero; with
+    `num_control_types` a union ControlNet of that many condition types (zeroconv.models.union)."""
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(
-        unet,
-        conditioning_embedding_out_channels=condition_encoder_channels(vae_scale_factor),
-        conditioning_channels=conditioning_channels,
-    )
+    if num_control_types:
+        from zeroconv.models.union import build_union_controlnet
+
+        controlnet = build_union_controlnet(unet, condition_encoder_channels(vae_scale_factor), conditioning_channels,
+                                            num_control_types)
+    else:
+        controlnet = ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=condition_encoder_channels(vae_scale_factor),
+            conditioning_channels=conditioning_channels,
+        )
     if condition_encoder_init == "unit_variance":
         init_condition_encoder_unit_variance(controlnet.controlnet_cond_embedding)
     elif condition_encoder_init != "paper":
@@ -61,17 +68,25 @@ def init_condition_encoder_unit_variance(embedding) -> None:
 
 
 def predict_noise(unet, controlnet, noisy_latents, timesteps, encoder_hidden_states, controlnet_cond,
-                  only_mid_control: bool = False, added_cond_kwargs: dict | None = None):
+                  only_mid_control: bool = False, added_cond_kwargs: dict | None = None,
+                  control_types: torch.Tensor | None = None):
     """The base UNet's prediction with the ControlNet's residuals added (all 13, or only the middle one).
-    `added_cond_kwargs` (SDXL's pooled text embedding and size/crop time ids) go to both networks."""
-    down_residuals, mid_residual = controlnet(
-        noisy_latents,
-        timesteps,
-        encoder_hidden_states=encoder_hidden_states,
-        controlnet_cond=controlnet_cond,
-        added_cond_kwargs=added_cond_kwargs,
-        return_dict=False,
-    )
+    `added_cond_kwargs` (SDXL's pooled text embedding and size/crop time ids) go to both networks. A union
+    ControlNet (zeroconv.models.union) takes `control_types` [B, K] and `controlnet_cond` [B, K, C, H, W]."""
+    if control_types is not None:
+        from zeroconv.models.union import union_residuals
+
+        down_residuals, mid_residual = union_residuals(controlnet, noisy_latents, timesteps, encoder_hidden_states,
+                                                       controlnet_cond, control_types, added_cond_kwargs)
+    else:
+        down_residuals, mid_residual = controlnet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )
     if only_mid_control:
         # Zeros, not None: diffusers' UNet ignores the mid residual when the down ones are missing. The down zero
         # convs then get no gradient and stay exactly zero, so the saved model behaves the same in any pipeline.

@@ -37,10 +37,12 @@ def compute_loss(t, batch, generators=None) -> torch.Tensor:
                             generators)
     micro = micro_conditioning(batch, (t.cfg.crops_coords_top_left_h, t.cfg.crops_coords_top_left_w))
     cond = batch["conditioning_pixel_values"].to(t.device, non_blocking=True)
-    control = family.encode_condition(t.base, cond, generators)  # SD: the pixels; SD3: their VAE latents
+    # a union ControlNet: which condition types each sample was given (the dataset's draw), [B, K] on the CPU
+    union = {"control_types": batch["control_types"]} if "control_types" in batch else {}
+    control = family.encode_condition(t.base, cond, generators, **union)  # SD: the pixels; SD3: their VAE latents
     with t.accelerator.autocast():
         pred = family.denoise(t.unet, t.controlnet, noisy_latents, timesteps, prompts, control, micro.to(t.device),
-                              only_mid_control=t.cfg.only_mid_control, guidance=t.cfg.guidance_scale)
+                              only_mid_control=t.cfg.only_mid_control, guidance=t.cfg.guidance_scale, **union)
     if weights is None:
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
     else:  # --snr_gamma: each sample's mean squared error weighted by its noise level

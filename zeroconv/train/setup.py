@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from zeroconv.config import TrainConfig, save_yaml, to_dict
+from zeroconv.config import TrainConfig, save_yaml, to_dict, union_columns, union_weights
 from zeroconv.data.cache import LatentCache
 from zeroconv.data.dataset import ControlNetDataset
 from zeroconv.data.sources import Examples
@@ -66,8 +66,10 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
 
         buckets = parse_aspect_buckets(cfg.aspect_buckets, cfg.resolution)
         bucket_of = assign_buckets(examples, buckets)
+    union = dict(union_weights=union_weights(cfg), union_extra_probability=cfg.union_extra_condition_probability) \
+        if union_columns(cfg) else {}
     return ControlNetDataset(examples, transform, seed=seed, random_flip=cfg.random_flip, strict_data=cfg.strict_data,
-                             condition_fn=condition_fn, buckets=buckets, bucket_of=bucket_of)
+                             condition_fn=condition_fn, buckets=buckets, bucket_of=bucket_of, **union)
 
 
 def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base:
@@ -122,6 +124,8 @@ def cache_cannot_serve(cfg: TrainConfig) -> str | None:
         return "--random_crop moves the crop every epoch and a cache holds one"
     if cfg.aspect_buckets is not None:
         return "--aspect_buckets gives latents of varying shapes and a cache holds one square crop per image"
+    if union_columns(cfg):
+        return "--conditioning_image_columns gives several conditions per image and a cache holds one"
     return None
 
 
@@ -249,7 +253,10 @@ def run_identity(cfg: TrainConfig, base: Base, controlnet) -> dict:
     for key, value, default in (("vae", cfg.pretrained_vae_model_name_or_path, None),
                                 ("random_crop", cfg.random_crop, False),
                                 ("image_interpolation_mode", cfg.image_interpolation_mode, "bilinear"),
-                                ("aspect_buckets", cfg.aspect_buckets, None)):
+                                ("aspect_buckets", cfg.aspect_buckets, None),
+                                ("conditioning_image_columns", cfg.conditioning_image_columns, None),
+                                ("union_condition_weights", cfg.union_condition_weights, None),
+                                ("union_extra_condition_probability", cfg.union_extra_condition_probability, 0.0)):
         if value != default:
             identity[key] = value
     for prefix, config in (("base_unet", base.unet.config), ("controlnet", controlnet.config)):
@@ -297,6 +304,30 @@ def check_launch(accelerator) -> None:
                         "whole state, which zeroconv's checkpoints save and resume exactly")
 
 
+def metric_names() -> set[str]:
+    from zeroconv.evaluate.metrics import METRICS
+
+    return set(METRICS)
+
+
+def check_union_controlnet(cfg: TrainConfig, controlnet) -> None:
+    """A --controlnet_model_name_or_path fits the run: union for a union run (with a control type for every
+    condition column: mode k is column k), plain for a plain one."""
+    from zeroconv.models.union import union_types
+
+    columns, types = union_columns(cfg), union_types(controlnet)
+    where = f"--controlnet_model_name_or_path {cfg.controlnet_model_name_or_path}"
+    if columns and not types:
+        raise UserError(f"{where}: a plain ControlNet, and --conditioning_image_columns trains a union one; start "
+                        "from a union ControlNet, or drop --controlnet_model_name_or_path")
+    if not columns and types:
+        raise UserError(f"{where}: a union ControlNet of {types} condition types; name its condition columns with "
+                        "--conditioning_image_columns (control mode k is column k)")
+    if columns and types < len(columns):
+        raise UserError(f"{where}: {types} control types, fewer than the {len(columns)} columns of "
+                        "--conditioning_image_columns")
+
+
 def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None = None) -> dict:
     """The fields of zeroconv.train.run.TrainingRun, from a config preflight has passed."""
     from accelerate.utils import set_seed
@@ -322,6 +353,12 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     family = base.family
     if cfg.controlnet_model_name_or_path:
         controlnet = family.load_controlnet(cfg.controlnet_model_name_or_path, cache_dir=cfg.cache_dir)
+        check_union_controlnet(cfg, controlnet)
+    elif union_columns(cfg):
+        controlnet = family.build_union_controlnet(
+            base, len(union_columns(cfg)), cfg.conditioning_channels, cfg.condition_encoder_init,
+            several_per_sample=cfg.union_extra_condition_probability > 0, num_double_layers=cfg.num_double_layers,
+            num_single_layers=cfg.num_single_layers)
     else:
         controlnet = family.build_controlnet(base, cfg.conditioning_channels, cfg.condition_encoder_init,
                                              num_layers=cfg.num_layers,
@@ -412,7 +449,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             pin_memory=accelerator.device.type == "cuda", bucket_of=bucket_of)
-    metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None)
+    # a union run without --validation_metric scores each condition type named after a metric (validate.py)
+    metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None) or next(
+        (name for name in union_columns(cfg) if name in metric_names()), None)
     metric_fn = None
     if metric_name:
         from zeroconv.evaluate.metrics import METRICS, get_metric

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zeroconv.config import union_columns, validation_condition_types
 from zeroconv.data.transforms import load_condition
 from zeroconv.evaluate.grid import make_grid
 
@@ -27,15 +28,18 @@ def condition_to_rgb(cond: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., :3])
 
 
-def generate(pipe, pairs_with_conditions, num_images: int, seed: int, steps: int, guidance: float, device):
-    """Samples for each (condition tensor, prompt); image k of every pair uses seed + k."""
+def generate(pipe, pairs_with_conditions, num_images: int, seed: int, steps: int, guidance: float, device,
+             control_modes: list[int] | None = None):
+    """Samples for each (condition tensor, prompt); image k of every pair uses seed + k. A union ControlNet's
+    pair i is sampled with control_mode control_modes[i]."""
     results = []
-    for cond, prompt in pairs_with_conditions:
+    for i, (cond, prompt) in enumerate(pairs_with_conditions):
         samples = []
+        mode = {} if control_modes is None else {"control_mode": control_modes[i]}
         for k in range(num_images):
             generator = torch.Generator(device="cpu").manual_seed(seed + k)
             out = pipe(prompt, image=cond.to(device), num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generator, height=cond.shape[-2], width=cond.shape[-1])
+                       generator=generator, height=cond.shape[-2], width=cond.shape[-1], **mode)
             samples.append(out.images[0])
         results.append(samples)
     return results
@@ -78,10 +82,13 @@ def _run_validation(t, step: int) -> dict[str, float]:
     metrics: dict[str, float] = {}
     pairs = [(load_condition(path, cfg.resolution, cfg.conditioning_channels, cfg.image_interpolation_mode), prompt)
              for path, prompt in t.validation_pairs]
+    # a union ControlNet: each pair's condition type, sampled with its control mode and scored on its own
+    types = validation_condition_types(cfg)
     if pairs:
         seed = cfg.seed if cfg.seed is not None else 0
+        modes = [union_columns(cfg).index(name) for name in types] if types else None
         samples = generate(pipe, pairs, cfg.num_validation_images, seed, cfg.validation_inference_steps,
-                           cfg.validation_guidance_scale, t.device)
+                           cfg.validation_guidance_scale, t.device, modes)
         warn_blank(samples, step)
         rows = [(condition_to_rgb(cond), imgs, prompt) for (cond, prompt), imgs in zip(pairs, samples)]
         grid = make_grid(rows)
@@ -89,14 +96,17 @@ def _run_validation(t, step: int) -> dict[str, float]:
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
         t.log_image("validation", grid, step)
-        if t.metric_fn is not None:
-            scores: dict[str, list[float]] = {}
-            for (cond, prompt), imgs in zip(pairs, samples):
-                cond_np = np.asarray(condition_to_rgb(cond))
-                for image in imgs:
-                    for key, value in t.metric_fn(cond_np, prompt, np.asarray(image.convert("RGB"))).items():
-                        scores.setdefault(key, []).append(float(value))
-            metrics.update({f"validation/{k}": float(np.mean(v)) for k, v in scores.items()})
+        scores: dict[str, list[float]] = {}
+        for i, ((cond, prompt), imgs) in enumerate(zip(pairs, samples)):
+            metric_fn, prefix = (union_metric(cfg, types[i], t.metric_fn), f"{types[i]}/") if types else \
+                (t.metric_fn, "")
+            if metric_fn is None:
+                continue
+            cond_np = np.asarray(condition_to_rgb(cond))
+            for image in imgs:
+                for key, value in metric_fn(cond_np, prompt, np.asarray(image.convert("RGB"))).items():
+                    scores.setdefault(prefix + key, []).append(float(value))
+        metrics.update({f"validation/{k}": float(np.mean(v)) for k, v in scores.items()})
     if t.evaluator is not None:
         metrics.update(t.evaluator(step, pipe))
     if cfg.enable_model_cpu_offload:  # the hooks are on the live modules: remove them, and bring those back
@@ -106,3 +116,13 @@ def _run_validation(t, step: int) -> dict[str, float]:
     t.encoders_release()
     del pipe
     return metrics
+
+
+def union_metric(cfg, condition_type: str, default):
+    """The controllability metric of one condition type of a union ControlNet: --validation_metric when given,
+    else the metric of the type's name where there is one (a column named canny or depth), else none."""
+    from zeroconv.evaluate.metrics import METRICS, get_metric
+
+    if cfg.validation_metric:
+        return default
+    return get_metric(condition_type) if condition_type in METRICS else None

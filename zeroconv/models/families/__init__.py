@@ -53,11 +53,18 @@ class Family(Protocol):
     def build_controlnet(self, base: Base, conditioning_channels: int, condition_encoder_init: str | None,
                          num_layers: int | None = None, num_extra_conditioning_channels: int = 0,
                          num_double_layers: int = 4, num_single_layers: int = 10): ...  # depths: SD3's, Flux's
+    # a union ControlNet of num_control_types condition types (SDXL's ControlNetUnionModel, Flux's num_mode);
+    # several_per_sample: whether a sample may be given several types (not Flux); UserError for SD and SD3
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None, several_per_sample: bool = False,
+                               num_double_layers: int = 4, num_single_layers: int = 10): ...
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None): ...
     # what the denoiser reads of a caption, by name (SD: prompt_embeds); the latent cache stores it per caption
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]: ...
     # the ControlNet's input from the condition's [0, 1] pixels (SD: the pixels; SD3: their VAE latents)
-    def encode_condition(self, base: Base, condition: torch.Tensor, generator: Generators) -> torch.Tensor: ...
+    # a union ControlNet's: condition [B, K, C, H, W] with control_types=[B, K] bool, the types each sample has
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator: Generators,
+                         control_types: torch.Tensor | None = None) -> torch.Tensor: ...
     def noisy_batch(self, scheduler, latents: torch.Tensor, generator: Generators, recipe: NoiseRecipe | None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
     def predicted_clean(self, scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor
@@ -67,6 +74,7 @@ class Family(Protocol):
     def denoise(self, unet, controlnet, noisy, timesteps, prompts: dict[str, torch.Tensor], condition,
                 micro: torch.Tensor, only_mid_control: bool = False,
                 guidance: float | None = None) -> torch.Tensor: ...  # guidance: Flux's embedding value
+    # a union ControlNet's call takes control_types=[B, K] bool too (the same as encode_condition's)
     def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"): ...
     def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict: ...
 

@@ -134,6 +134,28 @@ class Flux(StableDiffusion3):
                                                     attention_head_dim=config.attention_head_dim,
                                                     num_attention_heads=config.num_attention_heads)
 
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None, several_per_sample: bool = False,
+                               num_double_layers: int = DEFAULT_DOUBLE_LAYERS,
+                               num_single_layers: int = DEFAULT_SINGLE_LAYERS):
+        """A Flux ControlNet-Union: build_controlnet's, with num_mode = the number of condition types (a learned
+        mode embedding, one token before the text; FluxControlNetPipeline's control_mode). It reads one condition
+        per sample, so a sample cannot be given several types."""
+        from diffusers import FluxControlNetModel
+        from diffusers.models.controlnets.controlnet import zero_module
+
+        if several_per_sample:
+            raise UserError("--union_extra_condition_probability: a Flux ControlNet-Union reads one condition per "
+                            "sample (its control_mode); use 0 (the default): each sample is given one type")
+        plain = self.build_controlnet(base, conditioning_channels, condition_encoder_init,
+                                      num_double_layers=num_double_layers, num_single_layers=num_single_layers)
+        # from_transformer has no num_mode: the same config with it, and the copied weights
+        controlnet = FluxControlNetModel.from_config(plain.config, num_mode=num_control_types)
+        missing, unexpected = controlnet.load_state_dict(plain.state_dict(), strict=False)
+        assert not unexpected and all(key.startswith("controlnet_mode_embedder.") for key in missing), missing
+        controlnet.controlnet_x_embedder = zero_module(controlnet.controlnet_x_embedder)
+        return controlnet
+
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
         from diffusers import FluxControlNetModel
 
@@ -156,8 +178,15 @@ class Flux(StableDiffusion3):
                 "pooled_prompt_embeds": (base.text_encoder.config.hidden_size,)}
 
     # --- one training step ----------------------------------------------------------------------------------
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator,
+                         control_types: torch.Tensor | None = None) -> torch.Tensor:
+        """SD3's (the condition's VAE latents); for a union ControlNet, of each sample's one given type."""
+        if control_types is not None:
+            condition = condition[torch.arange(len(condition)), given_type(control_types).to(condition.device)]
+        return super().encode_condition(base, condition, generator)
+
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
-                only_mid_control: bool = False, guidance: float | None = None):
+                only_mid_control: bool = False, guidance: float | None = None, control_types=None):
         """The frozen transformer's velocity with the ControlNet's double- and single-block residuals, as the
         script's step: both read the packed latents, the image ids of the h/2 x w/2 patch grid, zero text ids,
         the timestep / 1000, and, when the base has a guidance embedding, `guidance` (--guidance_scale, 3.5 by
@@ -176,7 +205,9 @@ class Flux(StableDiffusion3):
             img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, dtype),
             guidance=torch.full((n,), DEFAULT_GUIDANCE if guidance is None else guidance, device=noisy.device,
                                 dtype=dtype) if unet.config.guidance_embeds else None)
-        double, single = controlnet(controlnet_cond=pack(condition).to(dtype), return_dict=False, **inputs)
+        # a union ControlNet: each sample's type as the pipeline's control_mode, [B, 1]
+        mode = {} if control_types is None else {"controlnet_mode": given_type(control_types).to(noisy.device)[:, None]}
+        double, single = controlnet(controlnet_cond=pack(condition).to(dtype), return_dict=False, **mode, **inputs)
         packed = unet(controlnet_block_samples=None if double is None else [r.to(dtype) for r in double],
                       controlnet_single_block_samples=None if single is None else [r.to(dtype) for r in single],
                       return_dict=False, **inputs)[0]
@@ -193,3 +224,8 @@ class Flux(StableDiffusion3):
     def controlnet_to_original(self, state_dict: dict, config: dict, prefix: str = "") -> dict:
         raise UserError("zeroconv export: Flux ControlNets have no original (lllyasviel) layout; share the diffusers "
                         "folder (`zeroconv export --format diffusers`), which FluxControlNetPipeline loads")
+
+
+def given_type(control_types: torch.Tensor) -> torch.Tensor:
+    """Each sample's one given condition type, [B] long, from [B, K] bool."""
+    return control_types.to(torch.long).argmax(dim=1)

@@ -111,14 +111,25 @@ class StableDiffusion:
         return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels,
                                 condition_encoder_init or DEFAULT_CONDITION_ENCODER_INIT)
 
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None, several_per_sample: bool = False,
+                               num_double_layers: int = 4, num_single_layers: int = 10):
+        """SD 1.x/2.x has no union ControlNet: diffusers' union pipelines are SDXL's, and ControlNetUnionModel's
+        control-type embedding is sized by the UNet's addition_time_embed_dim, which SD's UNet does not have."""
+        raise UserError(f"--conditioning_image_columns: a union ControlNet cannot be trained on {self.label} "
+                        "(diffusers' ControlNetUnionModel needs the UNet's addition_time_embed_dim, which SD 1.x/2.x "
+                        "lacks, and its only union pipelines are SDXL's); use an SDXL base, or train one condition "
+                        "with --conditioning_image_column")
+
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
         from diffusers import ControlNetModel
 
         return ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
 
-    def encode_condition(self, base: Base, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_condition(self, base: Base, condition: torch.Tensor, generator,
+                         control_types: torch.Tensor | None = None) -> torch.Tensor:
         """What the ControlNet reads of the condition image ([0, 1] pixels): the pixels themselves, which its
-        condition encoder brings onto the latent grid. No random draw."""
+        condition encoder brings onto the latent grid (a union ControlNet's [B, K, C, H, W] too). No random draw."""
         return condition
 
     # --- prompts (the latent cache stores what this returns, per distinct caption) --------------------------

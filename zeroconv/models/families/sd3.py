@@ -131,6 +131,14 @@ class StableDiffusion3:
         return SD3ControlNetModel.from_transformer(base.unet, num_layers=num_layers,
                                                    num_extra_conditioning_channels=num_extra_conditioning_channels)
 
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None, several_per_sample: bool = False,
+                               num_double_layers: int = 4, num_single_layers: int = 10):
+        """diffusers' SD3ControlNetModel has no control-type input (no union SD3 ControlNet or pipeline)."""
+        raise UserError(f"--conditioning_image_columns: a union ControlNet cannot be trained on {self.label} "
+                        "(diffusers' SD3ControlNetModel has no control mode); use an SDXL or Flux base, or train "
+                        "one condition with --conditioning_image_column")
+
     def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
         from diffusers import SD3ControlNetModel
 

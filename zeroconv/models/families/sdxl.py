@@ -121,6 +121,28 @@ class StableDiffusionXL(StableDiffusion):
         # SDXL's VAE overflows in fp16 (force_upcast in its config, as its pipelines read it): encode in float32
         return torch.float32 if base.upcast_vae or base.vae.config.get("force_upcast", False) else dtype
 
+    # --- the ControlNet -------------------------------------------------------------------------------------
+    def build_union_controlnet(self, base: Base, num_control_types: int, conditioning_channels: int = 3,
+                               condition_encoder_init: str | None = None, several_per_sample: bool = False,
+                               num_double_layers: int = 4, num_single_layers: int = 10):
+        """A ControlNetUnionModel of `num_control_types` condition types (zeroconv.models.union), the condition
+        encoder as the plain ControlNet's (unit_variance unless told otherwise); it takes several types per sample.
+        The depths are Flux's and are not read."""
+        from zeroconv.models.controlnet import DEFAULT_CONDITION_ENCODER_INIT, build_controlnet
+
+        return build_controlnet(base.unet, base.vae_scale_factor, conditioning_channels,
+                                condition_encoder_init or DEFAULT_CONDITION_ENCODER_INIT,
+                                num_control_types=num_control_types)
+
+    def load_controlnet(self, path: str, cache_dir: str | None = None, dtype=None):
+        """A ControlNetModel, or a ControlNetUnionModel when its config says so."""
+        import diffusers
+
+        config = diffusers.ControlNetModel.load_config(path, cache_dir=cache_dir)
+        cls = diffusers.ControlNetUnionModel if config.get("_class_name") == "ControlNetUnionModel" else \
+            diffusers.ControlNetModel
+        return cls.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
+
     # --- prompts --------------------------------------------------------------------------------------------
     def encode_prompts(self, base: Base, captions: list[str], device) -> dict[str, torch.Tensor]:
         """prompt_embeds: both encoders' penultimate hidden states, concatenated [N, 77, 768 + 1280];
@@ -141,14 +163,15 @@ class StableDiffusionXL(StableDiffusion):
 
     # --- one training step ----------------------------------------------------------------------------------
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
-                only_mid_control: bool = False, guidance: float | None = None):
+                only_mid_control: bool = False, guidance: float | None = None, control_types=None):
         """The frozen UNet's prediction with the ControlNet's residuals; both read the pooled embedding and the
-        add_time_ids (original h, w, crop top, left, target h, w) through added_cond_kwargs."""
+        add_time_ids (original h, w, crop top, left, target h, w) through added_cond_kwargs. A union ControlNet
+        reads `control_types` [B, K] and `condition` [B, K, C, H, W]."""
         from zeroconv.models.controlnet import predict_noise
 
         added = {"text_embeds": prompts["pooled_prompt_embeds"], "time_ids": micro.to(noisy.device, noisy.dtype)}
         return predict_noise(unet, controlnet, noisy, timesteps, prompts["prompt_embeds"], condition,
-                             only_mid_control=only_mid_control, added_cond_kwargs=added)
+                             only_mid_control=only_mid_control, added_cond_kwargs=added, control_types=control_types)
 
     # --- sampling -------------------------------------------------------------------------------------------
     def pipeline(self, base: Base, controlnet=None, *, unet=None, scheduler: str = "unipc"):
@@ -164,7 +187,25 @@ class StableDiffusionXL(StableDiffusion):
                        add_watermarker=False)  # the invisible watermark needs a package training does not
         if controlnet is None:
             pipe = diffusers.StableDiffusionXLPipeline(**modules)
+        elif isinstance(controlnet, diffusers.ControlNetUnionModel):
+            pipe = union_call()(controlnet=controlnet, **modules)
         else:
             pipe = diffusers.StableDiffusionXLControlNetPipeline(controlnet=controlnet, **modules)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def union_call():
+    """StableDiffusionXLControlNetUnionPipeline taking zeroconv's call: image= (the condition) and control_mode (the
+    index of its type, the order of --conditioning_image_columns; 0 by default)."""
+    import diffusers
+
+    class StableDiffusionXLControlNetUnionPipeline(diffusers.StableDiffusionXLControlNetUnionPipeline):
+        def __call__(self, *args, image=None, control_mode: int | list[int] = 0, **kwargs):
+            if image is not None:
+                images = image if isinstance(image, list) else [image]
+                modes = control_mode if isinstance(control_mode, list) else [control_mode]
+                kwargs.update(control_image=images, control_mode=modes)
+            return super().__call__(*args, **kwargs)
+
+    return StableDiffusionXLControlNetUnionPipeline
