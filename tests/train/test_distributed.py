@@ -78,6 +78,17 @@ def test_two_processes_at_half_the_batch_train_the_model_of_one_process(tiny_bas
     assert all(two_losses[s] == pytest.approx(one_losses[s], rel=1e-5) for s in two_losses)  # the mean of both ranks
 
 
+def test_only_mid_control_trains_on_two_processes(tiny_base, tiny_dataset, tmp_path):
+    """The down-block zero convs get no gradient under --only_mid_control; DDP stopped at the second step ("Expected
+    to have finished reduction in the prior iteration") until it was told to expect unused parameters."""
+    out = tmp_path / "mid"
+    launch_two(tiny_base, tiny_dataset, out, 3, "--only_mid_control", "true")
+    weights, start = controlnet_weights(out), controlnet_weights(out / "checkpoint-2")
+    assert len(losses(out)) == 3
+    assert not torch.equal(weights["controlnet_mid_block.weight"], start["controlnet_mid_block.weight"])
+    assert all(torch.count_nonzero(v) == 0 for k, v in weights.items() if k.startswith("controlnet_down_blocks"))
+
+
 @pytest.mark.parametrize("num_samples, world_size, batch_size, workers", [(12, 2, 3, 0), (12, 2, 2, 2), (16, 4, 2, 2)])
 def test_every_sample_once_per_epoch_across_ranks_and_workers(num_samples, world_size, batch_size, workers):
     from zeroconv.data.order import epoch_batches

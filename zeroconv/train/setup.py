@@ -37,12 +37,16 @@ def run_seed(cfg: TrainConfig) -> int:
 
 def make_accelerator(cfg: TrainConfig, tracking: bool = True):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     if not tracking:
         return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    # DDP waits for a gradient of every parameter unless told some may have none: --only_mid_control leaves the
+    # down-block zero convs out of the loss, and a union step may leave out a condition type's parts
+    unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.only_mid_control
+                                           or bool(cfg.conditioning_image_columns))
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), kwargs_handlers=[unused],
         log_with=tracker_names(cfg.report_to) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)),
