@@ -93,16 +93,19 @@ class ControlNetDataset(torch.utils.data.Dataset):
         return given
 
     def __getitem__(self, index: int) -> dict:
-        if self.union_weights:
-            return self.union_item(index)
         flip, caption_draw, crop_draw = self.draws(index)
+        given = self.union_draw(index) if self.union_weights else None  # a union dataset: the types it is given
         target = self.buckets[self.bucket_of[index]] if self.buckets else None
         first_failure = None
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
             example = self.examples[j]
             try:
-                pixel_values, conditioning_pixel_values, crop = self.load(example, flip, j, crop_draw, target)
+                if given is None:
+                    pixel_values, conditioning_pixel_values, crop = self.load(example, flip, j, crop_draw, target)
+                else:
+                    pixel_values, conditioning_pixel_values, crop = self.load_union(example, flip, given, crop_draw,
+                                                                                    target)
             except BadSample as bad:
                 if self.strict_data:
                     raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
@@ -112,9 +115,12 @@ class ControlNetDataset(torch.utils.data.Dataset):
                     logger.warning("skipping unreadable sample %s (%s)", bad.label, bad.reason)
                 first_failure = first_failure or bad
                 continue
-            return {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning_pixel_values,
+            item = {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning_pixel_values,
                     "size_and_crop": torch.tensor(crop.size_and_crop(flip)),
                     "caption": pick_caption(example.caption, caption_draw), "index": j, "skipped": skipped}
+            if given is not None:
+                item["control_types"] = torch.from_numpy(given)
+            return item
         raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
                         "check the dataset's image files")
 
@@ -148,32 +154,6 @@ class ControlNetDataset(torch.utils.data.Dataset):
         except DATA_ERRORS as exc:  # modes PIL cannot convert, images too small to crop
             raise BadSample(example.name, describe(exc)) from exc
 
-
-    def union_item(self, index: int) -> dict:
-        """__getitem__ of a union dataset: as a plain one, with the conditions of the types drawn."""
-        flip, caption_draw, crop_draw = self.draws(index)
-        given = self.union_draw(index)
-        target = self.buckets[self.bucket_of[index]] if self.buckets else None
-        first_failure = None
-        for skipped in range(len(self)):
-            j = (index + skipped) % len(self)
-            example = self.examples[j]
-            try:
-                pixel_values, conditions, crop = self.load_union(example, flip, given, crop_draw, target)
-            except BadSample as bad:
-                if self.strict_data:
-                    raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
-                                    "or drop --strict_data to skip such samples") from None
-                if j not in self.reported:
-                    self.reported.add(j)
-                    logger.warning("skipping unreadable sample %s (%s)", bad.label, bad.reason)
-                first_failure = first_failure or bad
-                continue
-            return {"pixel_values": pixel_values, "conditioning_pixel_values": conditions,
-                    "control_types": torch.from_numpy(given), "size_and_crop": torch.tensor(crop.size_and_crop(flip)),
-                    "caption": pick_caption(example.caption, caption_draw), "index": j, "skipped": skipped}
-        raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
-                        "check the dataset's image files")
 
     def load_union(self, example: Example, flip: bool, given: np.ndarray, crop_draw: tuple[float, float],
                    target: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, Crop]:
