@@ -154,7 +154,6 @@ class ControlNetDataset(torch.utils.data.Dataset):
         except DATA_ERRORS as exc:  # modes PIL cannot convert, images too small to crop
             raise BadSample(example.name, describe(exc)) from exc
 
-
     def load_union(self, example: Example, flip: bool, given: np.ndarray, crop_draw: tuple[float, float],
                    target: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, Crop]:
         """(image in [-1, 1], the given conditions [K, C, H, W] in [0, 1], where the crop lies)."""
