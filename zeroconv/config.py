@@ -405,12 +405,13 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value.")
     timestep_sampling: str | None = option(
         None, "Density of the training timesteps of a DDPM base (SD 1.x/2.x, SDXL; flow-matching bases such as SD3 "
-        "draw by --weighting_scheme instead). Unset: cubic_then_uniform, cubic for the first "
-        "--timestep_switch_fraction of the run, then uniform: the layout the condition dictates is learned at high "
-        "noise, the details at low noise, which cubic alone starves (bench/RESULTS.md: the race and the demo). "
-        "uniform: the paper's and diffusers' (t ~ U{0..T-1}). cubic: t = (1 - u^3) T, T2I-Adapter's, half the draws "
-        "above 0.875 T: control comes sooner, but kept to the end the demo finished worse (fill IoU 0.829 vs 0.871, "
-        "circle color 0.50 vs 0.75 at step 800). logit_normal: SD3's, sigmoid of N(--logit_mean, --logit_std).",
+        "draw by --weighting_scheme instead). Unset: uniform, the paper's and diffusers' (t ~ U{0..T-1}). cubic: "
+        "t = (1 - u^3) T, T2I-Adapter's, half the draws above 0.875 T where the layout is decided: control comes "
+        "sooner from the paper's init (Fill race, 3 seeds: fill IoU 0.811 vs 0.671 at step 200), but the low-noise "
+        "steps that refine it are starved (demo, step 800: fill IoU 0.829 vs 0.871). cubic_then_uniform: cubic "
+        "for the first --timestep_switch_fraction of the run, then uniform (race: 0.735 vs 0.574 at step 100, level "
+        "from step 400; demo: 0.80 reached at step 150 vs 200, behind uniform from step 200 on). logit_normal: "
+        "SD3's, sigmoid of N(--logit_mean, --logit_std). Figures: bench/RESULTS.md.",
         choices=["uniform", "cubic", "logit_normal", "cubic_then_uniform"])
     timestep_switch_fraction: float = option(
         0.25, "With --timestep_sampling cubic_then_uniform: the fraction of the optimizer steps (of --max_train_steps) "

@@ -15,9 +15,9 @@ def tiny_config(base, data, out, **overrides) -> TrainConfig:
         validation_steps=1000, report_to="none", logging_steps=1, max_train_steps=4,
         # the live path: the textbook and step-by-step comparisons read its batches (cached runs set cache=)
         cache="off",
-        # one density for the whole run: many tests stand for an interrupted run by a shorter one resumed to more
-        # steps, and the default cubic_then_uniform switches at a fraction of --max_train_steps (tested on its own
-        # in tests/models/test_noise.py and tests/train/test_recipe.py)
+        # one density for the whole run, whatever the default: many tests stand for an interrupted run by a shorter
+        # one resumed to more steps, and cubic_then_uniform switches at a fraction of --max_train_steps (tested on
+        # its own in tests/models/test_noise.py and tests/train/test_recipe.py)
         timestep_sampling="uniform",
     )
     values.update(overrides)
