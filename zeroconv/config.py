@@ -312,7 +312,8 @@ class TrainConfig:
     conditioning_image_column: str = option("conditioning_image", "Dataset column holding the conditioning image.")
     caption_column: str = option("text", "Dataset column holding the caption (or a list of captions).")
     conditioning_image_columns: str | None = option(
-        None, "Train one union ControlNet (diffusers' ControlNetUnionModel, SDXL only) on several condition types: "
+        None, "Train one union ControlNet on several condition types (SDXL: diffusers' ControlNetUnionModel; Flux: "
+        "FluxControlNetModel with num_mode, one type per sample; SD 1.x/2.x and SD3 have none): "
         "comma-separated dataset columns, one per type, e.g. 'depth,canny' (imagefolder: depth_file_name, "
         "canny_file_name in metadata.jsonl; datasets and --jsonl_for_train: the column names). Control mode k (the "
         "pipeline's control_mode) is the k-th column. Each sample draws which types it is given (see "

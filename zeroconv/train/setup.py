@@ -43,8 +43,7 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
         return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     # DDP waits for a gradient of every parameter unless told some may have none: --only_mid_control leaves the
     # down-block zero convs out of the loss, and a union step may leave out a condition type's parts
-    unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.only_mid_control
-                                           or bool(cfg.conditioning_image_columns))
+    unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.only_mid_control or bool(union_columns(cfg)))
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision), kwargs_handlers=[unused],
         log_with=tracker_names(cfg.report_to) or None,
