@@ -89,6 +89,45 @@ def test_only_mid_control_trains_on_two_processes(tiny_base, tiny_dataset, tmp_p
     assert all(torch.count_nonzero(v) == 0 for k, v in weights.items() if k.startswith("controlnet_down_blocks"))
 
 
+def test_unlocked_decoder_trains_on_two_processes_with_accumulation(tiny_base, tiny_dataset, tmp_path):
+    """--sd_locked false wraps the UNet in DDP too; reading its dtype off the wrapper stopped the first step
+    ("'DistributedDataParallel' object has no attribute 'dtype'") until the dtype was read from a parameter."""
+    out = tmp_path / "unlocked"
+    launch_two(tiny_base, tiny_dataset, out, 2, "--sd_locked", "false", "--gradient_accumulation_steps", "2")
+    assert len(losses(out)) == 2
+    from safetensors.torch import load_file
+
+    decoder = load_file(out / "checkpoint-2" / "unet_decoder.safetensors")
+    from zeroconv.models.base import load_base
+
+    original = load_base(str(tiny_base)).unet.state_dict()
+    assert any(not torch.equal(value, original[key]) for key, value in decoder.items())  # the decoder trained
+
+
+@pytest.mark.parametrize("sd_locked, held", [(True, ["controlnet"]), (False, ["controlnet", "unet"])])
+def test_every_trained_module_syncs_once_per_step(sd_locked, held):
+    """A micro-batch that is not a step's last holds back the all-reduce of every module that trains: with
+    --sd_locked false the UNet too (issue 16 item 6); entered and left together."""
+    import contextlib
+
+    from zeroconv.train.loop import held_back_sync
+
+    events = []
+
+    class FakeAccelerator:
+        @contextlib.contextmanager
+        def no_sync(self, module):
+            events.append(("hold", module))
+            yield
+            events.append(("release", module))
+
+    t = SimpleNamespace(cfg=SimpleNamespace(sd_locked=sd_locked), controlnet="controlnet", unet="unet",
+                        accelerator=FakeAccelerator())
+    with held_back_sync(t):
+        assert [m for e, m in events if e == "hold"] == held and not any(e == "release" for e, _ in events)
+    assert sorted(m for e, m in events if e == "release") == sorted(held)
+
+
 @pytest.mark.parametrize("num_samples, world_size, batch_size, workers", [(12, 2, 3, 0), (12, 2, 2, 2), (16, 4, 2, 2)])
 def test_every_sample_once_per_epoch_across_ranks_and_workers(num_samples, world_size, batch_size, workers):
     from zeroconv.data.order import epoch_batches

@@ -13,6 +13,7 @@ import math
 import torch
 
 from zeroconv.config import CONDITION_ENCODER_INITS
+from zeroconv.models.dtypes import input_dtype
 
 # what `zeroconv train` and `zeroconv init` build for a family with a condition encoder (SD, SDXL) when
 # --condition_encoder_init is unset: on the Fill demo control appears 5x sooner and ends where the paper's init ends
@@ -91,7 +92,7 @@ def predict_noise(unet, controlnet, noisy_latents, timesteps, encoder_hidden_sta
         # Zeros, not None: diffusers' UNet ignores the mid residual when the down ones are missing. The down zero
         # convs then get no gradient and stay exactly zero, so the saved model behaves the same in any pipeline.
         down_residuals = [torch.zeros_like(r) for r in down_residuals]
-    dtype = noisy_latents.dtype if unet.dtype == torch.float32 else unet.dtype
+    dtype = input_dtype(unet, noisy_latents)
     if added_cond_kwargs is not None:
         added_cond_kwargs = {name: value.to(dtype) for name, value in added_cond_kwargs.items()}
     return unet(

@@ -1,4 +1,5 @@
-"""Precision names (the flags' fp16/bf16/fp32, accelerate's "no") and the torch dtypes they stand for."""
+"""Precision names (the flags' fp16/bf16/fp32, accelerate's "no"), the torch dtypes they stand for, and the dtype a
+frozen denoiser's inputs are cast to."""
 
 from __future__ import annotations
 
@@ -25,3 +26,11 @@ def resolve_mixed_precision(requested: str | None) -> str:
         logger.warning("--mixed_precision fp16 needs a GPU; training in fp32 on this CPU")
         return "no"
     return requested
+
+
+def input_dtype(denoiser, inputs: torch.Tensor) -> torch.dtype:
+    """The dtype the frozen denoiser's inputs are cast to: its weights' (a half-precision base), else the inputs'
+    own. Read from a parameter, so a DDP-wrapped denoiser (`--sd_locked false` on several processes), which has no
+    .dtype, is read the same."""
+    weights = next(denoiser.parameters()).dtype
+    return inputs.dtype if weights == torch.float32 else weights

@@ -66,7 +66,7 @@ def train_loop(t) -> int:
             t.seconds["data"] += time.perf_counter() - fetch  # host time waiting for data: no device sync
             state.skipped_samples += int(batch["skipped"])
             last = micro == cfg.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(t.controlnet):
+            with contextlib.nullcontext() if last else held_back_sync(t):
                 loss = compute_loss(t, batch) / cfg.gradient_accumulation_steps
                 accelerator.backward(loss)
             step_loss += loss.detach()
@@ -123,6 +123,15 @@ def train_loop(t) -> int:
                            "latest", signum.name, state.global_step)
             return 128 + int(signum)
     return EXIT_OK
+
+
+def held_back_sync(t) -> contextlib.ExitStack:
+    """DDP's gradient all-reduce of every trained module (the ControlNet, and the UNet decoder with --sd_locked
+    false) held back for a micro-batch that is not a step's last: one all-reduce per optimizer step."""
+    stack = contextlib.ExitStack()
+    for module in (t.controlnet,) if t.cfg.sd_locked else (t.controlnet, t.unet):
+        stack.enter_context(t.accelerator.no_sync(module))
+    return stack
 
 
 def agree(accelerator, finite: torch.Tensor, stop: bool) -> tuple[bool, bool]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from zeroconv.errors import UserError
+from zeroconv.models.dtypes import input_dtype
 from zeroconv.models.families.sd3 import StableDiffusion3
 from zeroconv.models.parts import Base
 
@@ -197,14 +198,14 @@ class Flux(StableDiffusion3):
         from diffusers import FluxPipeline
 
         n, _, h, w = noisy.shape
-        dtype = noisy.dtype if unet.dtype == torch.float32 else unet.dtype
+        dtype = input_dtype(unet, noisy)
         text, pooled = prompts["prompt_embeds"].to(dtype), prompts["pooled_prompt_embeds"].to(dtype)
         inputs = dict(
             hidden_states=pack(noisy).to(dtype), timestep=(timesteps / 1000).to(dtype), encoder_hidden_states=text,
             pooled_projections=pooled, txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=dtype),
             img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, dtype),
             guidance=torch.full((n,), DEFAULT_GUIDANCE if guidance is None else guidance, device=noisy.device,
-                                dtype=dtype) if unet.config.guidance_embeds else None)
+                                dtype=dtype) if getattr(unet, "module", unet).config.guidance_embeds else None)
         # a union ControlNet: each sample's type as the pipeline's control_mode, [B, 1]
         mode = {} if control_types is None else {"controlnet_mode": given_type(control_types).to(noisy.device)[:, None]}
         double, single = controlnet(controlnet_cond=pack(condition).to(dtype), return_dict=False, **mode, **inputs)

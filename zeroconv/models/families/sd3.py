@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from zeroconv.errors import UserError
+from zeroconv.models.dtypes import input_dtype
 from zeroconv.models.parts import Base
 
 # What the SD3 script's from_transformer call gets by default: diffusers' default depth (12 blocks).
@@ -230,7 +231,7 @@ class StableDiffusion3:
         text, pooled = prompts["prompt_embeds"], prompts["pooled_prompt_embeds"]
         residuals = controlnet(hidden_states=noisy, controlnet_cond=condition, encoder_hidden_states=text,
                                pooled_projections=pooled, timestep=timesteps, return_dict=False)[0]
-        dtype = noisy.dtype if unet.dtype == torch.float32 else unet.dtype
+        dtype = input_dtype(unet, noisy)
         return unet(hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=text.to(dtype),
                     pooled_projections=pooled.to(dtype), block_controlnet_hidden_states=[r.to(dtype) for r in residuals],
                     return_dict=False)[0]
