@@ -152,3 +152,44 @@ def test_sample_takes_the_family_of_the_base(base_fixture, options, request, con
                  "--guidance_scale", "3.5", "--out", str(out)]) == 0
     image = Image.open(out / "00000_0.png")
     assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
+@pytest.fixture(scope="module")
+def union_dir(tiny_sdxl_base, tmp_path_factory):
+    import torch
+
+    from zeroconv.models.base import load_base
+
+    base = load_base(str(tiny_sdxl_base))
+    controlnet = base.family.build_union_controlnet(base, 2)
+    with torch.no_grad():  # a "trained" one, so the control mode changes the image
+        for parameter in controlnet.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    out = tmp_path_factory.mktemp("union")
+    controlnet.save_pretrained(out)
+    (out / "config.yaml").write_text(f"pretrained_model_name_or_path: {tiny_sdxl_base}\nresolution: 64\n"
+                                     "conditioning_image_columns: mask,outline\n")
+    return out
+
+
+def test_a_union_controlnet_samples_the_control_mode_given_by_column_name_or_number(union_dir, condition, tmp_path):
+    images = {}
+    for mode in ("mask", "1", "outline"):
+        out = tmp_path / mode
+        assert main(["--controlnet", str(union_dir), "--image", str(condition), "--prompt", "a red square",
+                     "--steps", "2", "--control_mode", mode, "--out", str(out)]) == 0
+        record = json.loads((out / "samples.jsonl").read_text())
+        images[mode] = (record["control_mode"], np.asarray(Image.open(out / record["image"])))
+    assert [images[m][0] for m in ("mask", "1", "outline")] == [0, 1, 1]
+    assert np.array_equal(images["1"][1], images["outline"][1])  # a name and its number are the same mode
+    assert not np.array_equal(images["mask"][1], images["outline"][1])
+
+
+def test_control_mode_is_required_for_a_union_controlnet_and_refused_for_a_plain_one(union_dir, controlnet_dir,
+                                                                                     condition):
+    with pytest.raises(UserError, match=r"--control_mode is required.*0 = mask, 1 = outline"):
+        main(["--controlnet", str(union_dir), "--image", str(condition)])
+    with pytest.raises(UserError, match=r"--control_mode depth: not a condition type.*0 to 1"):
+        main(["--controlnet", str(union_dir), "--image", str(condition), "--control_mode", "depth"])
+    with pytest.raises(UserError, match="plain one"):
+        main(["--controlnet", str(controlnet_dir), "--image", str(condition), "--control_mode", "0"])

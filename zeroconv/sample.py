@@ -47,6 +47,10 @@ class SampleConfig:
     device: str | None = option(None, "cuda, cpu, mps... Default: cuda if available, else cpu.")
     dtype: str = option("auto", "Weights dtype: auto (fp16 on CUDA, fp32 elsewhere), fp16, bf16, fp32.",
                         choices=["auto", "fp16", "bf16", "fp32"])
+    control_mode: str | None = option(
+        None, "Union ControlNets (required for one, refused for a plain one): the condition type of every --image, a "
+        "column name of the training run's --conditioning_image_columns (read from its config.yaml) or a control "
+        "mode number (mode k is column k).")
 
 
 def collect_pairs(cfg: SampleConfig) -> list[tuple[str, str]]:
@@ -91,6 +95,26 @@ def collect_pairs(cfg: SampleConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def resolve_control_mode(requested: str | None, types: int, trained: dict) -> dict:
+    """The pipeline's control_mode argument: {} for a plain ControlNet, {"control_mode": k} for a union one."""
+    columns = [c.strip() for c in (trained.get("conditioning_image_columns") or "").split(",") if c.strip()]
+    if not types:
+        if requested is not None:
+            raise UserError(f"--control_mode {requested}: this ControlNet is a plain one (one condition type); "
+                            "drop --control_mode")
+        return {}
+    named = f" ({', '.join(f'{k} = {name}' for k, name in enumerate(columns))})" if columns else ""
+    if requested is None:
+        raise UserError(f"--control_mode is required: this is a union ControlNet of {types} condition types{named}; "
+                        "give the type of the condition images")
+    if requested in columns:
+        return {"control_mode": columns.index(requested)}
+    if requested.isdigit() and int(requested) < types:
+        return {"control_mode": int(requested)}
+    raise UserError(f"--control_mode {requested}: not a condition type of this union ControlNet; give a number from "
+                    f"0 to {types - 1}{named}")
+
+
 def read_training_config(controlnet: str) -> dict:
     """The config of the run that trained this ControlNet, if it is a zeroconv output (or checkpoint) folder."""
     import yaml
@@ -105,8 +129,9 @@ def read_training_config(controlnet: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from zeroconv.models.base import check_base_arg, load_base
     from zeroconv.data.transforms import load_condition
+    from zeroconv.models.base import check_base_arg, load_base
+    from zeroconv.models.union import union_types
 
     cfg = parse(SampleConfig, argv, prog="zeroconv sample", description=__doc__)
     if not cfg.controlnet:
@@ -132,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if trained.get("max_sequence_length"):  # SD3/Flux: the T5 length it was trained and validated with
         base.max_sequence_length = trained["max_sequence_length"]
     controlnet = load_controlnet(cfg.controlnet, base.family, dtype)
+    mode = resolve_control_mode(cfg.control_mode, union_types(controlnet), trained)
     # SD's ControlNets read the condition's pixels in 1, 3 or 4 channels; SD3's and Flux's its RGB latents
     channels = controlnet.config.get("conditioning_channels", 3)
     pipe = base.family.pipeline(base, controlnet, scheduler=cfg.scheduler).to(device)
@@ -146,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 image = pipe(prompt, image=cond, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                              negative_prompt=cfg.negative_prompt, generator=generator,
                              controlnet_conditioning_scale=cfg.controlnet_conditioning_scale,
-                             guess_mode=cfg.guess_mode, height=resolution, width=resolution).images[0]
+                             guess_mode=cfg.guess_mode, height=resolution, width=resolution, **mode).images[0]
                 name = f"{i:05d}_{k}.png"
                 image.save(out / name)
                 records.append({"image": name, "condition": str(Path(image_path).resolve()), "prompt": prompt,
-                                "seed": cfg.seed + k})
+                                "seed": cfg.seed + k, **mode})
                 bar.update(1)
     with open(out / "samples.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
