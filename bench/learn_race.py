@@ -128,11 +128,26 @@ def resolved_config(flags: list[str]) -> dict:
 
     config = to_dict(parse(TrainConfig, flags, prog="zeroconv train"))
     config.pop("output_dir")
+    config["pretrained_model_name_or_path"] = base_contents(config["pretrained_model_name_or_path"])
     # unset means the DDPM default (the toy base is one): a run recorded as explicitly that is the same run, and a
     # changed default is a changed value
     config["timestep_sampling"] = config["timestep_sampling"] or DDPM_DEFAULT_SAMPLING
     config["draws"] = DRAWS  # a run recorded without it drew each batch from one generator: another run
     return config
+
+
+def base_contents(name: str) -> str:
+    """A base folder by what it holds, not where: the toy base of another checkout (a worktree) is the same base when
+    its files are, and a retrained toy base at the same path is another one."""
+    import hashlib
+
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return f"files sha256 {digest.hexdigest()[:16]}"
 
 
 # Options that change how fast a run goes or what it writes beside the weights, never its numbers (the latent cache
@@ -147,6 +162,7 @@ def same_run(recorded: dict, wanted: dict) -> bool:
     from zeroconv.config import TrainConfig, to_dict
 
     defaults = {**to_dict(TrainConfig()), "draws": "one generator per batch"}
+    recorded = {**recorded, "pretrained_model_name_or_path": base_contents(recorded["pretrained_model_name_or_path"])}
     compared = (recorded.keys() & wanted.keys()) - SPEED_ONLY
     return (all(recorded[key] == wanted[key] for key in compared)
             and all(wanted[key] == defaults[key] for key in wanted.keys() - recorded.keys()))
