@@ -30,7 +30,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/zeroconv demo --output_dir demo-out
 
 test: $(STAMP) chromium
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests --durations=20
 
 bench: $(STAMP)
 	$(BIN)/python -m zeroconv bench --config tiny
