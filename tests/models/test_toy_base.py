@@ -146,6 +146,8 @@ def test_stopped_run_continues_bit_exactly(tmp_path, monkeypatch, capsys):
     card = (stopped / "README.md").read_text()
     assert "run in 3 sittings" in card and "test_stopped_run_continues_bit_exactly" in card
     assert str(tmp_path) not in card and "--out DIR" in card and "seed: 0" in card
+    # the size of the model, not of the last checkpoint still on disk when the card was written
+    assert f"size on disk: {toy_base.folder_megabytes(stopped):.1f} MB" in card
     assert "run in 2 sittings" in (straight / "README.md").read_text()
     capsys.readouterr()
     assert toy_base.main(tiny_run(stopped)) == 0  # run again once finished: nothing is trained twice

@@ -514,7 +514,7 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
         if state["threads"] != torch.get_num_threads():
             print(f"warning: the run so far used {state['threads']} torch threads, this sitting "
                   f"{torch.get_num_threads()}; CPU results can differ in the last bits across thread counts "
-                  "(pass --threads to match it)")
+                  f"(OMP_NUM_THREADS={state['threads']} matches it; --threads is an option, so it must stay as it was)")
     earlier = progress["seconds"]
 
     def elapsed() -> float:
@@ -550,7 +550,9 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
 
 
 def folder_megabytes(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    """The model's size: the card is written while the last checkpoint is still in .progress."""
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and PROGRESS not in p.relative_to(folder).parts) / 1e6
 
 
 def write_card(out: Path, cfg: ToyBaseConfig, command: str, seconds: float, vae_seconds: float,
