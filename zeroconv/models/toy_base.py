@@ -564,9 +564,10 @@ def write_card(out: Path, cfg: ToyBaseConfig, command: str, seconds: float, vae_
     else:
         sittings_line = (f"One command, run in {sittings} sittings: it was stopped and the same command re-run, "
                          "which continued from its own checkpoints (bit-exact with an uninterrupted run: "
-                         "tests/models/test_toy_base.py::test_stopped_run_continues_bit_exactly):")
-        wall_note = (f" summed over the {sittings} sittings (each counted up to its last checkpoint; steps lost to "
-                     "a stop and trained again are counted once)")
+                         "tests/models/test_toy_base.py::test_stopped_run_continues_bit_exactly). The wall time "
+                         "sums the sittings, each up to its last checkpoint, so steps lost to a stop and trained "
+                         "again count once:")
+        wall_note = f" in all, {sittings} sittings"
     card = f"""# zeroconv toy base
 
 A small Stable Diffusion model (diffusers layout: AutoencoderKL, CLIPTextModel + CLIPTokenizer,
