@@ -8,14 +8,21 @@ two stages: the autoencoder on pixels, then UNet and text encoder together on th
 knows colors and shapes from the prompt, but nothing tells it where to put them: that is the ControlNet's job.
 
 `toy_base_path()` is the shipped folder; `zeroconv toy-base path` prints it.
+
+A run is resumable: it checkpoints into DIR/.progress (after the autoencoder stage, every --checkpoint_every UNet
+steps and after the last one), and the same command with the same --out continues from the last complete
+checkpoint, bit-exactly as if it had not stopped (tests/models/test_toy_base.py). Any other option is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import random
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -142,6 +149,9 @@ class ToyBaseConfig:
         0.0, "Min-SNR loss weighting gamma (0 turns it off). Off by default: its v-prediction form weighs the "
         "pure-noise step, where the prompt alone decides the colors, by zero.")
     threads: int = option(0, "Torch CPU threads; 0 keeps torch's default.")
+    checkpoint_every: int = option(
+        200, "UNet steps between the checkpoints in --out/.progress (one is also made after the autoencoder stage "
+        "and after the last step); re-running the same command continues from the last one. 0: only those two.")
 
 
 def draw_training_set(num_images: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -229,8 +239,13 @@ class WeightAverage:
 
 
 def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float, captions: list[str],
-               cfg: ToyBaseConfig, generator: torch.Generator) -> None:
-    """SD's denoising objective in v-prediction form, UNet and text encoder trained together, captions dropped for CFG."""
+               cfg: ToyBaseConfig, generator: torch.Generator, resume: Path | None = None,
+               checkpoint=None) -> None:
+    """SD's denoising objective in v-prediction form, UNet and text encoder trained together, captions dropped for CFG.
+
+    `resume`: a UNet-stage checkpoint whose optimizer, schedule and average continue here (the weights and the
+    generators are already restored). `checkpoint(step, optimizer, schedule, average)` is called after step
+    `step` (counted from 1) every --checkpoint_every steps and after the last one."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
     from tqdm.auto import tqdm
@@ -243,9 +258,11 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     schedule = warmup_cosine(optimizer, cfg.unet_steps)
     average = WeightAverage(params, cfg.ema_decay)
+    start = load_unet_stage(resume, optimizer, schedule, average) if resume else 0
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(cfg.unet_steps), desc="train unet + text encoder", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.unet_steps), desc="train unet + text encoder", dynamic_ncols=True, initial=start,
+               total=cfg.unet_steps)
     for step in bar:
         index = torch.randint(0, len(means), (cfg.batch_size,), generator=generator)
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
@@ -275,9 +292,156 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float
         average.update(step)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        if checkpoint and (done == cfg.unet_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            checkpoint(done, optimizer, schedule, average)
     average.copy_to_model()
     unet.eval()
     text_encoder.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (resume)
+# ---------------------------------------------------------------------------------------------------------------
+# zeroconv.train.checkpoint does this for ControlNets; models/ sits below train/ (pyproject's layers), so the toy
+# base keeps its own small copy of that scheme.
+
+PROGRESS = ".progress"
+COMPLETE = "COMPLETE"
+FINISHED = "finished.json"
+STOP_ENV = "ZEROCONV_TEST_STOP_AFTER_CHECKPOINT"
+
+
+class StoppedForTest(RuntimeError):
+    """Raised after the checkpoint named by $ZEROCONV_TEST_STOP_AFTER_CHECKPOINT is in place: a kill, for tests."""
+
+
+def run_options(cfg: ToyBaseConfig) -> dict:
+    """What a continued run must share with the one it continues: every option but the action and --out."""
+    return {k: getattr(cfg, k) for k in ToyBaseConfig.__dataclass_fields__ if k not in ("action", "out")}
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """DIR/.progress/step-N folders with their COMPLETE marker, oldest first."""
+    progress = out / PROGRESS
+    if not progress.is_dir():
+        return []
+    found = [(int(d.name[5:]), d) for d in progress.iterdir()
+             if d.name.startswith("step-") and d.name[5:].isdigit() and (d / COMPLETE).is_file()]
+    return [d for _, d in sorted(found)]
+
+
+def check_same_run(saved: dict, cfg: ToyBaseConfig, what: str) -> None:
+    now = run_options(cfg)
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k, "(absent)") != now.get(k, "(absent)"))
+    if differ:
+        details = "; ".join(f"--{k} {saved.get(k, '(absent)')} there, {now.get(k, '(absent)')} now" for k in differ)
+        raise UserError(f"--out {cfg.out} holds {what} made with other options ({details}); re-run with its options "
+                        "to continue it, or give a new --out to start another run")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: Path, step: int, *, vae, unet, text_encoder, generator: torch.Generator,
+                    cfg: ToyBaseConfig, progress: dict, optimizer=None, schedule=None, average=None) -> Path:
+    """Write DIR/.progress/step-{step} atomically, then delete the older ones.
+
+    Everything goes into a hidden tmp folder, every file is fsynced, the COMPLETE marker is written last, then one
+    os.replace puts it in place: a save killed at any point leaves only a tmp folder, which nothing loads. The
+    previous checkpoint is deleted only after that, so one complete checkpoint always exists. Step 0 is the one
+    after the autoencoder stage (no optimizer yet: the UNet stage has not begun)."""
+    from safetensors.torch import save_file
+
+    root = out / PROGRESS
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / f"{name}.safetensors")
+    if average is not None:
+        save_file({f"{i:05d}": s.contiguous() for i, s in enumerate(average.shadow)}, tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(schedule.state_dict(), tmp / "schedule.pt")
+    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate()}, tmp / "rng.pt")
+    state = {**progress, "step": step, "threads": torch.get_num_threads(), "options": run_options(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / COMPLETE).write_text(f"step {step}\n")
+    _fsync_tree(tmp)
+    if final.exists():  # only if a run re-saves a step it already saved; never the case in one run
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(out)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".tmp-*"):  # of saves killed midway, by this run's earlier sittings
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if os.environ.get(STOP_ENV) == str(step):
+        raise StoppedForTest(f"stopped after the checkpoint of step {step} (${STOP_ENV})")
+    return final
+
+
+def load_checkpoint(checkpoint: Path, *, vae, unet, text_encoder, generator: torch.Generator) -> dict:
+    """Restore the weights and every generator `save_checkpoint` wrote; returns its state.json."""
+    from safetensors.torch import load_file
+
+    for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        model.load_state_dict(load_file(checkpoint / f"{name}.safetensors"), strict=True)
+    rng = torch.load(checkpoint / "rng.pt", weights_only=False)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def load_unet_stage(checkpoint: Path, optimizer, schedule, average: WeightAverage) -> int:
+    """Restore the optimizer, LR schedule and weight average of a UNet-stage checkpoint; returns its step."""
+    from safetensors.torch import load_file
+
+    shadow = load_file(checkpoint / "ema.safetensors")
+    if len(shadow) != len(average.shadow):
+        raise UserError(f"{checkpoint}/ema.safetensors: {len(shadow)} averaged tensors, the model has "
+                        f"{len(average.shadow)}; it was made by another zeroconv, give a new --out")
+    with torch.no_grad():
+        for i, s in enumerate(average.shadow):
+            s.copy_(shadow[f"{i:05d}"])
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=False))
+    schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=False))
+    return json.loads((checkpoint / "state.json").read_text())["step"]
+
+
+def finish_progress(out: Path, cfg: ToyBaseConfig, progress: dict) -> None:
+    """Replace the checkpoints (tens of MB, with .pt files the shipped folder must not hold) by a 1 KB record, so
+    re-running a finished command says so instead of training it all again."""
+    root = out / PROGRESS
+    tmp = root / f".tmp-{FINISHED}-{os.getpid()}"
+    tmp.write_text(json.dumps({**progress, "options": run_options(cfg)}, indent=1))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / FINISHED)
+    _fsync_dir(root)
+    for leftover in [*root.glob(".tmp-*"), *root.glob("step-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
@@ -290,7 +454,7 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
 
 
 def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
-    """Train a toy base into cfg.out as the module docstring says; returns the folder."""
+    """Train a toy base into cfg.out as the module docstring says, or continue the run there; returns the folder."""
     from zeroconv.models.tokenizer import write_clip_tokenizer
 
     if not cfg.out:
@@ -299,6 +463,18 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
     for flag in ("num_images", "vae_steps", "unet_steps", "vae_batch_size", "batch_size"):
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if cfg.checkpoint_every < 0:
+        raise UserError("--checkpoint_every must be 0 or more")
+    # refused before anything slow, so a wrong option costs a second, not a stage
+    finished = out / PROGRESS / FINISHED
+    if finished.is_file():
+        check_same_run(json.loads(finished.read_text())["options"], cfg, "a finished toy-base run")
+        print(f"{out} already holds this run, finished; nothing to do (give a new --out to train it again)")
+        return out
+    checkpoints = complete_checkpoints(out)
+    resume = checkpoints[-1] if checkpoints else None
+    if resume:
+        check_same_run(json.loads((resume / "state.json").read_text())["options"], cfg, "an unfinished toy-base run")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -326,30 +502,72 @@ def train_toy_base(cfg: ToyBaseConfig, command: str | None = None) -> Path:
     else:
         text_encoder = build_text_encoder(tokenizer)
         unet = build_unet()
-    if not cfg.vae_from:
-        train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
+    # The models are built as a fresh run builds them (same classes, same attention code), then take the saved
+    # weights: loading them another way could pick other kernels and break the bit-exact continuation.
+    progress = {"seconds": 0.0, "vae_seconds": 0.0, "sittings": 1}
+    if resume:
+        state = load_checkpoint(resume, vae=vae, unet=unet, text_encoder=text_encoder, generator=generator)
+        progress = {"seconds": state["seconds"], "vae_seconds": state["vae_seconds"],
+                    "sittings": state["sittings"] + 1}
+        print(f"continuing from step {state['step']} of {cfg.unet_steps} (the checkpoint in {resume}), "
+              f"sitting {progress['sittings']}")
+        if state["threads"] != torch.get_num_threads():
+            print(f"warning: the run so far used {state['threads']} torch threads, this sitting "
+                  f"{torch.get_num_threads()}; CPU results can differ in the last bits across thread counts "
+                  f"(OMP_NUM_THREADS={state['threads']} matches it; --threads is an option, so it must stay as it was)")
+    earlier = progress["seconds"]
+
+    def elapsed() -> float:
+        return earlier + time.perf_counter() - start
+
+    def checkpoint(step, optimizer=None, schedule=None, average=None):
+        progress["seconds"] = elapsed()
+        save_checkpoint(out, step, vae=vae, unet=unet, text_encoder=text_encoder, generator=generator, cfg=cfg,
+                        progress=progress, optimizer=optimizer, schedule=schedule, average=average)
+
+    if not resume:
+        if not cfg.vae_from:
+            train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, generator)
+        vae.eval()
+        progress["vae_seconds"] = elapsed()
+        checkpoint(0)  # the autoencoder stage is never trained twice
     vae.eval()
-    vae_seconds = time.perf_counter() - start
     means, stds = encode_all(vae, images)
     # SD's convention: latents are scaled to unit variance before diffusion
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
 
-    train_unet(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, captions, cfg, generator)
+    unet_resume = resume if resume and json.loads((resume / "state.json").read_text())["step"] > 0 else None
+    train_unet(unet, text_encoder, tokenizer, means, stds, vae.config.scaling_factor, captions, cfg, generator,
+               resume=unet_resume, checkpoint=checkpoint)
     save_pipeline(out, vae, text_encoder, tokenizer, unet)
-    seconds = time.perf_counter() - start
+    progress["seconds"] = elapsed()
     write_card(out, cfg, command or "zeroconv toy-base train " + " ".join(
-        f"--{k} {getattr(cfg, k)}" for k in ("out", "seed", "num_images", "vae_steps", "unet_steps")),
-        seconds, vae_seconds)
+        f"--{k} {'DIR' if k == 'out' else getattr(cfg, k)}"
+        for k in ("out", "seed", "num_images", "vae_steps", "unet_steps")),
+        progress["seconds"], progress["vae_seconds"], progress["sittings"])
+    finish_progress(out, cfg, progress)
     return out
 
 
 def folder_megabytes(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    """The model's size: the card is written while the last checkpoint is still in .progress."""
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and PROGRESS not in p.relative_to(folder).parts) / 1e6
 
 
-def write_card(out: Path, cfg: ToyBaseConfig, command: str, seconds: float, vae_seconds: float) -> None:
+def write_card(out: Path, cfg: ToyBaseConfig, command: str, seconds: float, vae_seconds: float,
+               sittings: int = 1) -> None:
     threads = torch.get_num_threads()
-    config = {k: getattr(cfg, k) for k in ToyBaseConfig.__dataclass_fields__ if k not in ("action", "out")}
+    config = run_options(cfg)
+    if sittings == 1:
+        sittings_line, wall_note = "One command, in one sitting:", ""
+    else:
+        sittings_line = (f"One command, run in {sittings} sittings: it was stopped and the same command re-run, "
+                         "which continued from its own checkpoints (bit-exact with an uninterrupted run: "
+                         "tests/models/test_toy_base.py::test_stopped_run_continues_bit_exactly). The wall time "
+                         "sums the sittings, each up to its last checkpoint, so steps lost to a stop and trained "
+                         "again count once:")
+        wall_note = f" in all, {sittings} sittings"
     card = f"""# zeroconv toy base
 
 A small Stable Diffusion model (diffusers layout: AutoencoderKL, CLIPTextModel + CLIPTokenizer,
@@ -368,12 +586,14 @@ no download. It draws one colored shape on a colored background at {RESOLUTION} 
 
 ## How it was made
 
+{sittings_line}
+
 ```
 {command}
 ```
 
 - seed: {cfg.seed}
-- wall time: {seconds / 60:.1f} min (autoencoder {vae_seconds / 60:.1f} min), {threads} torch threads on
+- wall time: {seconds / 60:.1f} min{wall_note} (autoencoder {vae_seconds / 60:.1f} min), {threads} torch threads on
   {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}
 - options: `{json.dumps(config)}`
 - size on disk: {folder_megabytes(out):.1f} MB
@@ -386,13 +606,31 @@ no download. It draws one colored shape on a colored background at {RESOLUTION} 
     (out / "README.md").write_text(card)
 
 
+def public_argv(argv: list[str]) -> list[str]:
+    """argv with --out's folder shown as DIR: the card is published, the folder is a path on one machine."""
+    shown, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            shown.append("DIR")
+            hide_next = False
+        elif arg == "--out":
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith("--out="):
+            shown.extend(["--out", "DIR"])
+        else:
+            shown.append(arg)
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(ToyBaseConfig, argv, prog="zeroconv toy-base", positional=("action",),
                 description="Train the small toy SD base zeroconv ships (train), or print where it is (path).")
     if cfg.action == "path":
         print(toy_base_path())
         return 0
-    command = "zeroconv toy-base " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "zeroconv toy-base " + " ".join(shlex.quote(a) for a in public_argv(
+        argv if argv is not None else sys.argv[1:]))
     out = train_toy_base(cfg, command)
     print(f"toy base written to {out} ({folder_megabytes(out):.1f} MB)")
     return 0
