@@ -8,7 +8,11 @@ DCP and the state-dict gathers all run on CPU with gloo. After accelerate has bu
 FSDP config (the plugin comes from the FSDP_* variables `accelerate launch` sets), this sets the distributed type
 to FSDP and keeps the plugin. The type is set in PartialState's shared state as well: every later
 `AcceleratorState()` copies PartialState's attributes over its own, and would turn it back into MULTI_CPU.
-Nothing in zeroconv knows about this switch; shipping code never imports it.
+Without it, `accelerate launch --config_file configs/accelerate/fsdp.yaml` with ACCELERATE_USE_CPU=1 silently runs
+plain MULTI_CPU data parallelism (no sharding). Setting the type on AcceleratorState alone is not enough: prepare
+shards, but save_state then sees MULTI_CPU again and takes the unsharded branch, failing in
+clean_state_dict_for_safetensors ("RuntimeError: Attempted to access the data pointer on an invalid python
+storage"). Nothing in zeroconv knows about this switch; shipping code never imports it.
 """
 
 import sys
