@@ -7,6 +7,7 @@ engines cannot take are refused, naming the flag. DeepSpeed itself needs GPUs an
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -143,6 +144,7 @@ class FakeRank:
 
     def save_state(self, folder):
         self.folders.append(folder)
+        time.sleep(0.3 * self.process_index)  # rank 1 the slower: the main process must wait for its shard
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"shard_{self.process_index}.distcp").write_text("shard")
 
