@@ -9,6 +9,14 @@ What is saved is everything the next step depends on: ControlNet (its --use_ema 
 decoder), optimizer, LR
 schedule, grad scaler, every RNG, the data position (epoch, batches consumed in it) and the counters. The run's
 identity (base, resolution, architecture) is saved too, and resume refuses a checkpoint whose identity differs.
+
+Under DeepSpeed or FSDP (zeroconv.train.engines) no process holds the whole optimizer state, so every process takes
+part: the main process makes the temporary folder (named the same on every process: `.checkpoint-N.tmp-sharded`),
+all wait, each writes its shard through accelerate's `save_state` into `engine/` (DeepSpeed's save_checkpoint,
+FSDP's DCP; each process's RNG and the grad scaler with them), all wait again, and only then does the main process
+add the run's files and the gathered weights (`controlnet/`, readable by diffusers), write COMPLETE, rename and
+prune; a last wait keeps every process from going on before the checkpoint is in place. Resume loads `engine/`
+through `load_state` on every process. One process and DDP write the format above, unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from zeroconv.errors import UserError
 logger = logging.getLogger("zeroconv.train")
 
 COMPLETE = "COMPLETE"
+ENGINE_FOLDER = "engine"  # accelerate's save_state of a sharded run
+ENGINE_FILE = "engine.json"  # which engine, on how many processes, wrote it
+SHARED_TMP = "sharded"  # the temporary folder's suffix every process of a sharded save agrees on
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -107,26 +118,68 @@ def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_st
     """Write checkpoint-{step} atomically, then prune old ones. Call on the main process only."""
     from safetensors.torch import save_file
 
-    output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_folder(output_dir, step, str(os.getpid()))
     controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
     if ema is not None:
         ema.save(tmp)
     if decoder_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in decoder_state.items()}, tmp / "unet_decoder.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
-    (tmp / "identity.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
+    _write_run_files(tmp, lr_scheduler, state, identity, config)
+    return _put_in_place(tmp, output_dir, step, total_limit)
+
+
+def save_sharded_checkpoint(accelerator, output_dir: str | Path, step: int, *, controlnet, lr_scheduler,
+                            state: TrainerState, identity: dict, config: dict, total_limit: int | None = None) -> Path:
+    """Write checkpoint-{step} of a DeepSpeed/FSDP run atomically, then prune old ones. Every process calls it;
+    `controlnet` is the gathered plain copy on the main process (zeroconv.train.engines.gathered_copy), None on
+    the others."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / f".checkpoint-{step}.tmp-{SHARED_TMP}"
+    if accelerator.is_main_process:
+        _fresh_folder(output_dir, step, SHARED_TMP)
+    accelerator.wait_for_everyone()  # the folder exists, empty, before any process writes its shard
+    accelerator.save_state(str(tmp / ENGINE_FOLDER))
+    accelerator.wait_for_everyone()  # every shard is written before the checkpoint can be marked complete
+    final = output_dir / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+        (tmp / ENGINE_FILE).write_text(json.dumps(engine_record(accelerator), indent=1))
+        _write_run_files(tmp, lr_scheduler, state, identity, config)
+        final = _put_in_place(tmp, output_dir, step, total_limit)
+    accelerator.wait_for_everyone()  # nobody trains on (or saves again) before the checkpoint is in place
+    return final
+
+
+def engine_record(accelerator) -> dict:
+    return {"distributed_type": accelerator.distributed_type.name, "num_processes": accelerator.num_processes}
+
+
+def _fresh_folder(output_dir: str | Path, step: int, suffix: str) -> Path:
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp-{suffix}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_run_files(tmp: Path, lr_scheduler, state: TrainerState, identity: dict, config: dict) -> None:
+    """What is the same on every process: the schedule, the counters and data position, the run's identity."""
     import yaml
 
+    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    (tmp / "identity.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _put_in_place(tmp: Path, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """COMPLETE last, everything on disk, then the rename: from here on `latest` may pick it, and only then are
+    older checkpoints pruned."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
     _fault_injection_pause()
     (tmp / COMPLETE).write_text(f"step {step} saved {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
     _fsync_tree(tmp)
@@ -201,3 +254,31 @@ def load_checkpoint(checkpoint: Path, *, controlnet, unet, optimizer, lr_schedul
         scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=False))
     restore_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+def load_sharded_checkpoint(checkpoint: Path, *, accelerator, lr_scheduler) -> TrainerState:
+    """Restore what `save_sharded_checkpoint` wrote: every process loads its shard of weights and optimizer, its
+    RNG and the grad scaler through accelerate's `load_state`; returns the counters."""
+    accelerator.load_state(str(checkpoint / ENGINE_FOLDER))
+    lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=False))
+    return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+def check_engine(checkpoint: Path, accelerator, engine: str | None) -> None:
+    """A checkpoint resumes under the kind of launch that wrote it: a sharded one holds its optimizer state only as
+    its engine's shards, and a plain one holds it whole, which the engines' load_state does not read."""
+    sharded = (checkpoint / ENGINE_FOLDER).is_dir()
+    where = f"--resume_from_checkpoint {checkpoint}"
+    if not sharded and engine is not None:
+        raise UserError(f"{where}: written by one process or DDP, and this launch uses {engine}; resume it with the "
+                        "launch that wrote it (e.g. configs/accelerate/ddp.yaml), or start a new output_dir")
+    if not sharded:
+        return
+    saved, now = json.loads((checkpoint / ENGINE_FILE).read_text()), engine_record(accelerator)
+    if engine is None or saved["distributed_type"] != now["distributed_type"]:
+        raise UserError(f"{where}: written under {saved['distributed_type']}, and this launch uses "
+                        f"{now['distributed_type']}; resume with the accelerate config that wrote it, or start a new "
+                        "output_dir")
+    if saved["distributed_type"] == "DEEPSPEED" and saved["num_processes"] != now["num_processes"]:
+        raise UserError(f"{where}: DeepSpeed's shards of {saved['num_processes']} processes, and this launch has "
+                        f"{now['num_processes']}; resume with --num_processes {saved['num_processes']}")

@@ -33,11 +33,11 @@ def save_controlnet(controlnet, folder: Path, dtype: torch.dtype) -> None:
 
 def save_final(run: TrainingRun) -> Path:
     """The trained ControlNet in diffusers layout in output_dir (with --use_ema its average, the trained weights in
-    output_dir/without_ema), and the trained decoder as a full UNet."""
+    output_dir/without_ema), and the trained decoder as a full UNet. Every process calls it."""
     out = Path(run.cfg.output_dir)
     run.accelerator.wait_for_everyone()
+    controlnet = run.full_controlnet()  # under DeepSpeed/FSDP gathered, every process taking part; written once
     if run.accelerator.is_main_process:
-        controlnet = run.accelerator.unwrap_model(run.controlnet)
         dtype = SAVE_DTYPES[run.cfg.save_weight_dtype]
         if run.ema is not None:  # output_dir holds the average, the model users load; the trained weights beside it
             save_controlnet(controlnet, out / RAW_FOLDER, dtype)

@@ -74,7 +74,9 @@ def train_loop(t) -> int:
         # finite check and clip: a NaN/inf loss or gradient skips the update and leaves the weights untouched
         grad_norm = accelerator.clip_grad_norm_(t.trainable_params, cfg.max_grad_norm)
         finite = torch.isfinite(step_loss)
-        if accelerator.scaler is None:  # with fp16 the grad scaler skips inf-gradient steps itself
+        if accelerator.scaler is None and grad_norm is not None:  # fp16: the grad scaler skips inf steps itself;
+            # None: DeepSpeed clipped (and stepped) inside the backward. FSDP's norm is a replicated DTensor
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
         finite, stop = agree(accelerator, finite, t.stop_signal is not None)  # the one host sync of a step
         if finite:

@@ -99,9 +99,18 @@ class TrainingRun:
                 tracker.log({tag: [wandb.Image(image)]}, step=step)
 
     def save_checkpoint(self) -> None:
-        from zeroconv.train.checkpoint import save_checkpoint
+        from zeroconv.train.checkpoint import save_checkpoint, save_sharded_checkpoint
+        from zeroconv.train.engines import gathered_copy, is_sharded
 
         self.accelerator.wait_for_everyone()
+        if is_sharded(self.accelerator):  # every process writes its shard (zeroconv.train.checkpoint)
+            path = save_sharded_checkpoint(
+                self.accelerator, self.cfg.output_dir, self.state.global_step,
+                controlnet=gathered_copy(self.accelerator, self.controlnet), lr_scheduler=self.lr_scheduler,
+                state=self.state, identity=self.identity, config=to_dict(self.cfg),
+                total_limit=self.cfg.checkpoints_total_limit)
+            logger.info("checkpoint saved: %s", path)
+            return
         if self.accelerator.is_main_process:
             path = save_checkpoint(
                 self.cfg.output_dir, self.state.global_step, controlnet=self.accelerator.unwrap_model(self.controlnet),
@@ -110,6 +119,15 @@ class TrainingRun:
                 config=to_dict(self.cfg), total_limit=self.cfg.checkpoints_total_limit, ema=self.ema)
             logger.info("checkpoint saved: %s", path)
         self.accelerator.wait_for_everyone()
+
+    def full_controlnet(self) -> ControlNetModel | None:
+        """The ControlNet's whole weights as a module, on the main process (None on the others): the unwrapped
+        module itself, or under DeepSpeed/FSDP a gathered plain copy, for which every process must call this."""
+        from zeroconv.train.engines import gathered_copy, is_sharded
+
+        if is_sharded(self.accelerator):
+            return gathered_copy(self.accelerator, self.controlnet)
+        return self.accelerator.unwrap_model(self.controlnet) if self.accelerator.is_main_process else None
 
     def decoder_state(self) -> dict | None:
         if self.cfg.sd_locked:
@@ -124,12 +142,13 @@ class TrainingRun:
     def validate(self) -> dict:
         from zeroconv.train.validate import run_validation
 
+        controlnet = self.full_controlnet()  # under DeepSpeed/FSDP a gather: every process first
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return {}
         self.base.materialize()  # a cached run's text encoders load at its first validation, not before
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # --use_ema: the average
-            metrics = run_validation(self, self.state.global_step)
+            metrics = run_validation(self, self.state.global_step, controlnet)
         if metrics:
             self.record(self.state.global_step, metrics)
             shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items())

@@ -282,29 +282,17 @@ def tracker_config(cfg: TrainConfig) -> dict:
 
 
 def check_launch(accelerator) -> None:
-    """Refuse launches that would train wrongly, before any model loads.
-
-    - Several processes started (WORLD_SIZE > 1) that did not join one process group: accelerate does so on a
-      machine without GPUs unless told to use the CPU, and every process would then train alone and write the
-      same output_dir.
-    - DeepSpeed and FSDP shard the optimizer state across processes, and zeroconv's checkpoints are written by the
-      main process from the full state: they would be incomplete, and a resume wrong. One process and DDP are
-      what zeroconv checkpoints correctly today."""
+    """Refuse launches that would train wrongly, before any model loads: several processes started (WORLD_SIZE >
+    1) that did not join one process group. accelerate does so on a machine without GPUs unless told to use the
+    CPU, and every process would then train alone and write the same output_dir. (DeepSpeed and FSDP are run:
+    zeroconv.train.engines; the flags they cannot take are refused there.)"""
     import os
-
-    from accelerate.utils import DistributedType
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         raise UserError(f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate joined none of "
                         "them into a process group (no GPU here?), so each would train alone into the same "
                         "output_dir; on CPUs set ACCELERATE_USE_CPU=1 for the launch (gloo), or launch one process")
-    engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
-    if engine:
-        raise UserError(f"{engine} (from your accelerate config): zeroconv does not save {engine}'s sharded optimizer "
-                        "state yet, so its checkpoints would not resume correctly; launch with DDP (accelerate "
-                        "launch --multi_gpu, or `accelerate config` without DeepSpeed/FSDP): each process keeps the "
-                        "whole state, which zeroconv's checkpoints save and resume exactly")
 
 
 def metric_names() -> set[str]:
@@ -339,12 +327,15 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
 
     from zeroconv.data.dataset import collate
     from zeroconv.data.order import batches_per_epoch, epoch_batches
-    from zeroconv.train.checkpoint import TrainerState, check_identity, find_resume_checkpoint, load_checkpoint
+    from zeroconv.train.checkpoint import (TrainerState, check_engine, check_identity, find_resume_checkpoint,
+                                           load_checkpoint, load_sharded_checkpoint)
+    from zeroconv.train.engines import check_engine_flags, configure_engine, engine_name
     from zeroconv.train.inputs import CachedEncoders, LiveEncoders
     from zeroconv.train.loop import steps_for
 
     accelerator = make_accelerator(cfg)
     check_launch(accelerator)
+    check_engine_flags(cfg, accelerator)
     seed = run_seed(cfg)
     set_seed(seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
@@ -408,10 +399,13 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                                 cfg.max_train_steps)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+    configure_engine(cfg, accelerator, controlnet)
     if decoder_params:
         controlnet, unet, optimizer = accelerator.prepare(controlnet, unet, optimizer)
     else:
         controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    # FSDP replaces the parameters by sharded ones (the optimizer is given them): clip what the optimizer steps
+    trainable_params = [p for group in optimizer.param_groups for p in group["params"]]
 
     consistency = None
     if cfg.consistency_loss_weight > 0:
@@ -432,9 +426,13 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting fresh", cfg.output_dir)
     if checkpoint is not None:
         check_identity(checkpoint, identity)
-        state = load_checkpoint(checkpoint, controlnet=accelerator.unwrap_model(controlnet),
-                                unet=accelerator.unwrap_model(unet), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                scaler=accelerator.scaler, ema=ema)
+        check_engine(checkpoint, accelerator, engine_name(accelerator))
+        if engine_name(accelerator):
+            state = load_sharded_checkpoint(checkpoint, accelerator=accelerator, lr_scheduler=lr_scheduler)
+        else:
+            state = load_checkpoint(checkpoint, controlnet=accelerator.unwrap_model(controlnet),
+                                    unet=accelerator.unwrap_model(unet), optimizer=optimizer,
+                                    lr_scheduler=lr_scheduler, scaler=accelerator.scaler, ema=ema)
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
 
@@ -470,7 +468,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                 cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
                 noise_scheduler=base.noise_scheduler, noise_recipe=noise_recipe(cfg, max_train_steps), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                trainable_params=controlnet_params + decoder_params, ema=ema, consistency=consistency, seed=seed, state=state,
+                trainable_params=trainable_params, ema=ema, consistency=consistency, seed=seed, state=state,
                 batches=batches, max_train_steps=max_train_steps, weight_dtype=dtype, identity=identity,
                 validation_pairs=checked.validation_pairs, dataset=dataset, metric_fn=metric_fn, evaluator=evaluator,
                 progress=progress)

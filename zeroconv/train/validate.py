@@ -56,11 +56,12 @@ def warn_blank(samples: list[list[Image.Image]], step: int) -> int:
     return blank
 
 
-def run_validation(t, step: int) -> dict[str, float]:
-    """Grid PNG + tracker image + controllability metrics for the current weights. Never raises."""
+def run_validation(t, step: int, controlnet) -> dict[str, float]:
+    """Grid PNG + tracker image + controllability metrics for the current weights, sampled with `controlnet` (the
+    unwrapped live module, or under DeepSpeed/FSDP its gathered copy: TrainingRun.full_controlnet). Never raises."""
     try:
         with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []), torch.no_grad():
-            return _run_validation(t, step)
+            return _run_validation(t, step, controlnet)
     except Exception as exc:  # noqa: BLE001 - validation must never kill a run
         logger.error("validation at step %d failed, training goes on: %s: %s", step, type(exc).__name__, exc)
         return {}
@@ -70,9 +71,8 @@ def run_validation(t, step: int) -> dict[str, float]:
             torch.cuda.empty_cache()
 
 
-def _run_validation(t, step: int) -> dict[str, float]:
+def _run_validation(t, step: int, controlnet) -> dict[str, float]:
     cfg = t.cfg
-    controlnet = t.accelerator.unwrap_model(t.controlnet)
     unet = t.accelerator.unwrap_model(t.unet)
     t.encoders_to_device()  # a cached run keeps the VAE and text encoder off the device until now
     # the live modules, in the dtypes training holds them in: nothing is copied or cast for a validation
