@@ -82,11 +82,15 @@ def epoch_batches(dataset, state, *, batch_size: int, seed: int, num_workers: in
     """Yield batches forever, epoch after epoch, keeping `state.epoch` / `state.batches_in_epoch` current.
 
     `state` is the TrainerState: a resumed run continues from the position saved in it. `bucket_of` (each
-    sample's aspect bucket) makes every batch one bucket's (BucketBatchSampler)."""
+    sample's aspect bucket) makes every batch one bucket's (BucketBatchSampler). An IterableDataset
+    (zeroconv.data.stream.StreamDataset) orders and splits itself across ranks; it is told the position."""
     while True:
         dataset.set_epoch(state.epoch)
         common = dict(num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory, persistent_workers=False)
-        if bucket_of is not None:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset.set_position(state.epoch, state.batches_in_epoch)
+            loader = DataLoader(dataset, batch_size=batch_size, **common)
+        elif bucket_of is not None:
             batch_sampler = BucketBatchSampler(bucket_of, batch_size, seed, state.epoch, state.batches_in_epoch,
                                                rank, world_size)
             loader = DataLoader(dataset, batch_sampler=batch_sampler, **common)
