@@ -1,4 +1,5 @@
-"""webdataset shards: `zeroconv prepare --format webdataset` writes them, zeroconv.data.stream streams them (issue 16)."""
+"""webdataset shards: `zeroconv prepare --format webdataset` writes them, zeroconv.data.stream streams them
+(issue 16)."""
 
 import io
 import json

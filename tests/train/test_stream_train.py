@@ -62,3 +62,16 @@ def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_sh
     with pytest.raises(UserError, match="another stream layout.*workers: checkpoint 2 vs now 1"):
         fresh_setup(tiny_config(tiny_base, data, tmp_path / "other", max_train_steps=8,
                                 resume_from_checkpoint=str(out / "checkpoint-4"), **other))
+
+
+def test_two_processes_stream_unequal_shards_in_equal_steps(tiny_base, tmp_path):
+    """7 shards (the last of 2) on 2 processes: one takes 4 shards, the other 3, and both take 8 batches of 2 per
+    epoch (the shorter stream fills up), so DDP's collectives pair up and the run ends instead of hanging."""
+    from tests.train.test_distributed import launch_two
+
+    data = prepare_shards(tmp_path, 26, 4)
+    out = tmp_path / "two"
+    launch_two(tiny_base, data, out, 10, "--shuffle_buffer", "3", "--checkpointing_steps", "5")
+    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)  # epoch 0 was 8 steps, on both ranks
+    assert state["stream"]["world_size"] == 2 and sorted(losses(out)) == list(range(1, 11))

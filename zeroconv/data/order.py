@@ -14,13 +14,18 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch `epoch`'s order (of samples, of buckets' batches, of streamed shards)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 class EpochSampler(Sampler[int]):
     def __init__(self, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1):
         self.num_samples, self.seed, self.epoch, self.start = num_samples, seed, epoch, start
         self.rank, self.world_size = rank, world_size
 
     def indices(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         per_rank = -(-self.num_samples // self.world_size)
         order += order[: per_rank * self.world_size - len(order)]  # pad so every rank gets the same count
@@ -47,7 +52,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.start, self.rank, self.world_size = start, rank, world_size
 
     def global_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = epoch_generator(self.seed, self.epoch)
         size = self.batch_size * self.world_size
         batches = []
         for bucket in sorted(set(self.bucket_of)):

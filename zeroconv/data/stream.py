@@ -1,10 +1,10 @@
 """Training from webdataset shards (zeroconv.data.shards) without random access: an IterableDataset that resumes.
 
 Order of epoch e, a function of (seed, e, world size, loader workers, --shuffle_buffer) only:
-- The shards are permuted by the (seed, e) generator (the one zeroconv.data.order permutes samples with). Rank r
-  takes every world_size-th shard of that order from the r-th, and its loader worker w every W-th of those from
-  the w-th (W = max(1, --dataloader_num_workers)): each (rank, worker) reads its own shards, disjoint from all
-  the others'. So every sample belongs to exactly one stream per epoch.
+- The shards are permuted by the (seed, e) generator (zeroconv.data.order.epoch_generator, which orders a folder
+  layout's samples). Rank r takes every world_size-th shard of that order from the r-th, and its loader worker w
+  every W-th of those from the w-th (W = max(1, --dataloader_num_workers)): each (rank, worker) reads its own
+  shards, disjoint from all the others'. So every sample belongs to exactly one stream per epoch.
 - A stream reads its shards in that order, one sample after another, through a shuffle buffer of
   --shuffle_buffer samples (raw bytes, decoded only when they leave it): when full, each new sample takes the
   place of one drawn at random, which leaves; the rest leave in a random order at the end. Its draws come from a
@@ -43,13 +43,12 @@ import numpy as np
 import torch
 
 from zeroconv.data.dataset import BadSample, ControlNetDataset, describe, strict_error
+from zeroconv.data.order import epoch_generator
 from zeroconv.data.shards import Shard, ShardIndex, read_shard, sample_fields
 from zeroconv.data.sources import Example
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.data")
-
-DEFAULT_SHUFFLE_BUFFER = 1000
 
 
 def shuffle_order(count: int, buffer: int, rng: np.random.Generator) -> list[int]:
@@ -73,7 +72,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
     epoch; `set_position(epoch, batches)` before each DataLoader (zeroconv.data.order.epoch_batches)."""
 
     def __init__(self, index: ShardIndex, samples: ControlNetDataset, *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 world_size: int = 1, num_workers: int = 0, shuffle_buffer: int):
         if samples.buckets or samples.union_weights:
             raise UserError("--aspect_buckets and --conditioning_image_columns need every sample up front; train "
                             "them from a folder layout, not from webdataset shards")
@@ -89,10 +88,6 @@ class StreamDataset(torch.utils.data.IterableDataset):
         largest = sorted((shard.samples for shard in index.shards), reverse=True)[: -(-len(index.shards) // streams)]
         self.batches_per_worker = -(-sum(largest) // batch_size)
         self.epoch = self.start = 0
-
-    @property
-    def num_samples(self) -> int:
-        return self.index.samples
 
     def batches_per_epoch(self) -> int:
         return self.batches_per_worker * self.workers
@@ -115,8 +110,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         self.samples.set_epoch(epoch)
 
     def stream_shards(self, epoch: int, rank: int, worker: int) -> list[Shard]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.index.shards), generator=generator).tolist()
+        order = torch.randperm(len(self.index.shards), generator=epoch_generator(self.seed, epoch)).tolist()
         return [self.index.shards[k] for k in order[rank::self.world_size][worker::self.workers]]
 
     def stream_order(self, epoch: int, rank: int, worker: int, shards: list[Shard]) -> list[int]:

@@ -57,6 +57,9 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
 def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNetDataset:
     from zeroconv.data.transforms import PairedTransform
 
+    if isinstance(examples, ShardExamples):  # `zeroconv cache`: train streams shards through build_stream
+        raise UserError("webdataset shards are streamed and a latent cache is built from every sample up front; "
+                        "train on them with --cache auto (live), or cache a folder layout")
     condition_fn = None
     if cfg.condition:
         from zeroconv.data.conditions import get_extractor
