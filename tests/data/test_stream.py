@@ -130,20 +130,25 @@ def test_a_prepare_killed_while_writing_shards_leaves_no_index_and_the_trainer_s
     from tests.train.helpers import tiny_config
     from zeroconv.data.sources import load_examples
 
-    prepare_shards(tmp_path, 9, 3)
     original, calls = shards.write_shard, []
 
-    def killed_at_the_second(path, samples, tmp_dir):
+    def killed_inside_the_second(path, samples, tmp_dir):
         calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(path, samples, tmp_dir)
 
-    monkeypatch.setattr(shards, "write_shard", killed_at_the_second)
+        def cut():  # the kill comes after the second shard's first sample went into its tar
+            for k, sample in enumerate(samples):
+                if len(calls) == 2 and k == 1:
+                    raise KeyboardInterrupt
+                yield sample
+
+        return original(path, cut(), tmp_dir)
+
+    monkeypatch.setattr(shards, "write_shard", killed_inside_the_second)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(tmp_path, 9, 3)
     out = tmp_path / "shards"
-    assert not (out / shards.INDEX).exists() and (out / "shard-000000.tar").is_file()
+    assert len(calls) == 2 and any((out / ".prepare" / "tmp").iterdir())  # a half-written tar, under its tmp name
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar"] and not (out / shards.INDEX).exists()
     with pytest.raises(UserError, match=r"shard-\*\.tar but no shards\.json.*run it again"):
         load_examples(tiny_config("unused", out, tmp_path / "run"))
     monkeypatch.setattr(shards, "write_shard", original)
@@ -207,6 +212,10 @@ def test_unequal_shards_give_every_rank_the_same_batch_count_every_epoch(tmp_pat
             everything += [i for batch in batches for i in batch]
         assert counts == [4, 4]  # ceil(10 / 3): the same on both ranks whichever shard is short this epoch
         assert set(everything) == set(range(17))  # every sample, the shorter stream filling up with repeats
+    # a resume inside the fill-up continues it exactly too
+    full = epoch_indices(stream_dataset(index, rank=1, world_size=2, batch_size=3), 1)
+    for start in range(1, 4):
+        assert epoch_indices(stream_dataset(index, rank=1, world_size=2, batch_size=3), 1, start) == full[start:]
 
 
 def test_the_shuffle_buffer_order_is_a_permutation_and_holds_at_most_the_buffer():
