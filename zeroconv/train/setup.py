@@ -83,8 +83,6 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
 def build_stream(cfg: TrainConfig, examples: ShardExamples, seed: int, accelerator) -> StreamDataset:
     """The streamed dataset of webdataset shards for this rank: build_dataset's transform, draws and condition over
     samples that come from the shards (zeroconv.data.stream)."""
-    from zeroconv.data.stream import StreamDataset
-
     return StreamDataset(examples.index, build_dataset(cfg, [], seed), seed=seed, batch_size=cfg.train_batch_size,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          num_workers=cfg.dataloader_num_workers, shuffle_buffer=cfg.shuffle_buffer)
