@@ -149,11 +149,17 @@ def test_a_prepare_killed_while_writing_shards_leaves_no_index_and_the_trainer_s
     out = tmp_path / "shards"
     assert len(calls) == 2 and any((out / ".prepare" / "tmp").iterdir())  # a half-written tar, under its tmp name
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar"] and not (out / shards.INDEX).exists()
-    with pytest.raises(UserError, match=r"shard-\*\.tar but no shards\.json.*run it again"):
+    with pytest.raises(UserError, match=r"no shards\.json.*did not finish; run it again"):
+        load_examples(tiny_config("unused", out, tmp_path / "run"))
+    # killed inside the first shard: nothing in place but the marker, and the trainer still says so
+    for shard in out.glob("shard-*.tar"):
+        shard.unlink()
+    with pytest.raises(UserError, match=r"no shards\.json.*did not finish"):
         load_examples(tiny_config("unused", out, tmp_path / "run"))
     monkeypatch.setattr(shards, "write_shard", original)
     prepare_shards(tmp_path, 9, 3)
     assert [s.samples for s in shards.read_index(out, "--train_data_dir").shards] == [3, 3, 3]
+    assert not (out / shards.UNFINISHED).exists()
 
 
 def test_an_index_naming_a_missing_or_truncated_shard_is_refused(tmp_path):

@@ -467,12 +467,13 @@ def write_webdataset(out: Path, rows: list[dict], shard_size: int) -> int:
     """The rows as tar shards of `shard_size` samples and their index (zeroconv.data.shards); returns the shard
     count. 0 (--format folder): none, and those of an earlier --format webdataset run are removed.
 
-    The index goes first and comes back last: a run killed while writing shards leaves no shards.json, so no
-    trainer reads a half-written set (it names the fix: run prepare again). The shards are rebuilt from the
+    The index goes first and comes back last, and a marker stands in between: a run killed while writing shards
+    leaves no shards.json, so no trainer reads a half-written set (it names the fix: run prepare again). The shards are rebuilt from the
     per-image records on every run (a copy of files already encoded), so a resumed prepare needs no shard state."""
     from zeroconv.data import shards
 
     (out / shards.INDEX).unlink(missing_ok=True)
+    (out / shards.UNFINISHED).unlink(missing_ok=True)  # --format folder: no shards to finish
     chunks = [rows[start:start + shard_size] for start in range(0, len(rows), shard_size)] if shard_size else []
     names = {shards.shard_name(number) for number in range(len(chunks))}
     for stale in out.glob("shard-*.tar"):  # of an earlier run with more rows, smaller shards or another --format
@@ -483,6 +484,7 @@ def write_webdataset(out: Path, rows: list[dict], shard_size: int) -> int:
     from tqdm.auto import tqdm
 
     tmp = out / STATE_DIR / "tmp"
+    (out / shards.UNFINISHED).touch()
     written = []
     with tqdm(total=len(rows), desc="shards", unit="img", dynamic_ncols=True) as bar:
         for number, chunk in enumerate(chunks):

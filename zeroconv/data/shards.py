@@ -11,7 +11,8 @@ draws the same numbers whichever rank, worker or epoch position it lands in. The
 count and the epoch length without opening a tar.
 
 Completeness: each shard is written under a temporary name and renamed into place once closed, and the index is
-written (atomically) only after the last shard: a folder without shards.json is an unfinished prepare, which the
+written (atomically) only after the last shard; shards.json.unfinished marks the folder from before the first
+shard until then. A folder with the marker, or with shards and no index, is an unfinished prepare, which the
 trainer refuses. Reading goes through webdataset (`tarfile_samples`), which streams a tar from a path or a URL.
 """
 
@@ -27,6 +28,7 @@ from typing import Iterable, Iterator
 from zeroconv.errors import UserError
 
 INDEX = "shards.json"
+UNFINISHED = "shards.json.unfinished"  # in place from before the first shard until the index is written
 FORMAT = "zeroconv-webdataset-1"
 IMAGE, CONDITION, CAPTION = "image", "conditioning_image.png", "txt"
 DEFAULT_SHARD_SIZE = 1000
@@ -63,6 +65,11 @@ class ShardIndex:
 
 def is_shard_folder(folder: str | os.PathLike | None) -> bool:
     return folder is not None and (Path(folder) / INDEX).is_file()
+
+
+def is_unfinished(folder: Path) -> bool:
+    """Whether a `zeroconv prepare --format webdataset` into `folder` stopped before its index."""
+    return (folder / UNFINISHED).exists() or (not (folder / INDEX).is_file() and any(folder.glob("shard-*.tar")))
 
 
 def read_index(folder: Path, flag: str) -> ShardIndex:
@@ -115,6 +122,7 @@ def write_index(folder: Path, shards: list[Shard], tmp_dir: Path) -> None:
     tmp = tmp_dir / f"{os.getpid()}-{INDEX}"
     tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     os.replace(tmp, folder / INDEX)
+    (folder / UNFINISHED).unlink(missing_ok=True)
 
 
 def shard_name(number: int) -> str:

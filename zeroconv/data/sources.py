@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from zeroconv.config import check_train_config, union_columns
-from zeroconv.data.shards import ShardIndex, is_shard_folder, read_index
+from zeroconv.data.shards import ShardIndex, is_shard_folder, is_unfinished, read_index
 from zeroconv.errors import UserError
 from zeroconv.jsonl import read_rows
 
@@ -257,9 +257,9 @@ def is_save_to_disk_folder(folder: Path) -> bool:
 def open_local_folder(folder: Path, cfg, flag: str) -> Examples:
     if is_shard_folder(folder):
         return open_shards(folder, cfg, flag)
-    if any(folder.glob("shard-*.tar")):
-        raise UserError(f"{flag} {folder}: shard-*.tar but no shards.json, the index `zeroconv prepare --format "
-                        "webdataset` writes last: that prepare did not finish; run it again (it resumes)")
+    if is_unfinished(folder):
+        raise UserError(f"{flag} {folder}: no shards.json, the index `zeroconv prepare --format webdataset` writes "
+                        "after its last shard: that prepare did not finish; run it again (it resumes)")
     for metadata in [folder / name for name in METADATA_FILES] + [folder / "train" / n for n in METADATA_FILES]:
         if metadata.is_file():
             return read_imagefolder(metadata, cfg)
