@@ -302,7 +302,10 @@ class TrainConfig:
     dataset_config_name: str | None = option(None, "Config name of the dataset, if it has several.")
     train_data_dir: str | None = option(
         None, "A local folder: imagefolder layout (metadata.jsonl with file_name, conditioning_image_file_name, "
-        "text), Fill50K layout (prompt.json, source/, target/) or kohya pair (images/ + conditioning/ + .txt).")
+        "text), Fill50K layout (prompt.json, source/, target/), kohya pair (images/ + conditioning/ + .txt), or "
+        "webdataset tar shards with their shards.json (`zeroconv prepare --format webdataset`), streamed: each "
+        "epoch permutes the shards, splits them across processes and loader workers, and mixes samples in "
+        "--shuffle_buffer; a resume skips the shards already consumed.")
     jsonl_for_train: str | None = option(
         None, "A JSON-lines file of training rows, read with datasets' json builder as train_controlnet_sd3.py and "
         "train_controlnet_flux.py read it: one object per line holding --image_column, "
@@ -365,6 +368,11 @@ class TrainConfig:
         "(bench/RESULTS.md), so it is opt-in. Its cost at 0: the ControlNet never sees the empty prompt of guidance's "
         "unconditional branch; on the demo the circle colors drifted late (accuracy 0.75 at step 800, 0.94 with 0.5).")
     dataloader_num_workers: int = option(0, "Data loader worker processes; 0 loads in the main process.")
+    shuffle_buffer: int = option(
+        1000, "Streamed webdataset shards: samples each loader worker holds (undecoded) to shuffle across shard "
+        "boundaries; each new sample takes the place of a random one, which goes to training. Larger mixes better "
+        "and costs memory (about one encoded image pair per sample) and a longer first batch; 0 or 1: shard order "
+        "only. Folder layouts are shuffled whole and ignore it.")
     strict_data: bool = option(False, "Stop at the first unreadable sample instead of skipping it with a warning.")
     condition: str | None = option(
         None, "Compute the conditioning image on the fly from the target image with this extractor (e.g. canny), "
@@ -542,6 +550,8 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         if getattr(cfg, flag) < 0:
             raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (train_controlnet_flux.py's defaults "
                             "are 4 and 10)")
+    if cfg.shuffle_buffer < 0:
+        raise UserError(f"--shuffle_buffer {cfg.shuffle_buffer}: must be 0 or more (samples per loader worker)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:
         raise UserError(f"--max_train_samples {cfg.max_train_samples}: must be at least 1 (or unset for all)")
     if cfg.random_crop and cfg.cache in ("on", "only"):  # auto falls back to live encoding (train/setup.py)

@@ -93,36 +93,48 @@ class ControlNetDataset(torch.utils.data.Dataset):
         return given
 
     def __getitem__(self, index: int) -> dict:
-        flip, caption_draw, crop_draw = self.draws(index)
+        draws = self.draws(index)
         given = self.union_draw(index) if self.union_weights else None  # a union dataset: the types it is given
         target = self.buckets[self.bucket_of[index]] if self.buckets else None
         first_failure = None
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
-            example = self.examples[j]
             try:
-                if given is None:
-                    pixel_values, conditioning_pixel_values, crop = self.load(example, flip, j, crop_draw, target)
-                else:
-                    pixel_values, conditioning_pixel_values, crop = self.load_union(example, flip, given, crop_draw,
-                                                                                    target)
+                item = self.build(self.examples[j], j, draws, given, target)
             except BadSample as bad:
                 if self.strict_data:
-                    raise UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, "
-                                    "or drop --strict_data to skip such samples") from None
+                    raise strict_error(bad) from None
                 if j not in self.reported:
                     self.reported.add(j)
                     logger.warning("skipping unreadable sample %s (%s)", bad.label, bad.reason)
                 first_failure = first_failure or bad
                 continue
-            item = {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning_pixel_values,
-                    "size_and_crop": torch.tensor(crop.size_and_crop(flip)),
-                    "caption": pick_caption(example.caption, caption_draw), "index": j, "skipped": skipped}
-            if given is not None:
-                item["control_types"] = torch.from_numpy(given)
+            item["skipped"] = skipped
             return item
         raise UserError(f"none of the {len(self)} training samples could be read (first: {first_failure}); "
                         "check the dataset's image files")
+
+    def item(self, example: Example, index: int) -> dict:
+        """The training item of `example` as sample `index` of the current epoch (its draws, its "index"), for a
+        source without random access (zeroconv.data.stream); BadSample if it cannot be read."""
+        given = self.union_draw(index) if self.union_weights else None
+        return self.build(example, index, self.draws(index), given, None)
+
+    def build(self, example: Example, index: int, draws: tuple[bool, float, tuple[float, float]],
+              given: np.ndarray | None, target: tuple[int, int] | None) -> dict:
+        """The item of `example` read as sample `index` with the `draws` (of the index asked for: a replacement
+        keeps them), without "skipped"; BadSample if it cannot be read."""
+        flip, caption_draw, crop_draw = draws
+        if given is None:
+            pixel_values, conditioning_pixel_values, crop = self.load(example, flip, index, crop_draw, target)
+        else:
+            pixel_values, conditioning_pixel_values, crop = self.load_union(example, flip, given, crop_draw, target)
+        item = {"pixel_values": pixel_values, "conditioning_pixel_values": conditioning_pixel_values,
+                "size_and_crop": torch.tensor(crop.size_and_crop(flip)),
+                "caption": pick_caption(example.caption, caption_draw), "index": index}
+        if given is not None:
+            item["control_types"] = torch.from_numpy(given)
+        return item
 
     def load(self, example: Example, flip: bool, index: int, crop_draw: tuple[float, float] = (0.5, 0.5),
              target: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, Crop]:
@@ -176,6 +188,11 @@ class ControlNetDataset(torch.utils.data.Dataset):
                 label = source_label(source) or f"{example.name} conditioning image {k}"
                 raise BadSample(label, describe(exc)) from exc
         return pixel_values, conditions, crop
+
+
+def strict_error(bad: BadSample) -> UserError:
+    return UserError(f"unreadable training sample {bad.label} ({bad.reason}); fix or remove it, or drop "
+                     "--strict_data to skip such samples")
 
 
 def pick_caption(caption: str | list[str], draw: float) -> str:

@@ -14,13 +14,18 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch `epoch`'s order (of samples, of buckets' batches, of streamed shards)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 class EpochSampler(Sampler[int]):
     def __init__(self, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1):
         self.num_samples, self.seed, self.epoch, self.start = num_samples, seed, epoch, start
         self.rank, self.world_size = rank, world_size
 
     def indices(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         per_rank = -(-self.num_samples // self.world_size)
         order += order[: per_rank * self.world_size - len(order)]  # pad so every rank gets the same count
@@ -47,7 +52,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.start, self.rank, self.world_size = start, rank, world_size
 
     def global_batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = epoch_generator(self.seed, self.epoch)
         size = self.batch_size * self.world_size
         batches = []
         for bucket in sorted(set(self.bucket_of)):
@@ -82,11 +87,15 @@ def epoch_batches(dataset, state, *, batch_size: int, seed: int, num_workers: in
     """Yield batches forever, epoch after epoch, keeping `state.epoch` / `state.batches_in_epoch` current.
 
     `state` is the TrainerState: a resumed run continues from the position saved in it. `bucket_of` (each
-    sample's aspect bucket) makes every batch one bucket's (BucketBatchSampler)."""
+    sample's aspect bucket) makes every batch one bucket's (BucketBatchSampler). An IterableDataset
+    (zeroconv.data.stream.StreamDataset) orders and splits itself across ranks; it is told the position."""
     while True:
         dataset.set_epoch(state.epoch)
         common = dict(num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory, persistent_workers=False)
-        if bucket_of is not None:
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset.set_position(state.epoch, state.batches_in_epoch)
+            loader = DataLoader(dataset, batch_size=batch_size, **common)
+        elif bucket_of is not None:
             batch_sampler = BucketBatchSampler(bucket_of, batch_size, seed, state.epoch, state.batches_in_epoch,
                                                rank, world_size)
             loader = DataLoader(dataset, batch_sampler=batch_sampler, **common)

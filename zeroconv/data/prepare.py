@@ -11,6 +11,12 @@ writes, in the imagefolder layout that `zeroconv train --dataset_name data/` rea
     data/report.json                              counts, every skipped file with its reason, conversions,
                                                   timings, settings
 
+and with --format webdataset also tar shards of --shard_size samples and their index, which `zeroconv train
+--train_data_dir data/` streams (zeroconv.data.shards, zeroconv.data.stream):
+
+    data/shard-000000.tar ...                     image, conditioning image and caption of each sample
+    data/shards.json                              shard names and sample counts, written last
+
 How it stays correct on a night's run:
 - Bad input never aborts it (unless --strict): empty, truncated or corrupt files, non-images with an image
   extension, images smaller than --resolution (or upscaled with --upscale_small), unreadable annotations are
@@ -49,6 +55,7 @@ from zeroconv.config import option, parse, to_dict
 from zeroconv.data.captions import (CAPTION_SOURCES, CaptionLookup, check_template, empty_captions_notice,
                                     fill_template, read_caption_file, text_source)
 from zeroconv.data.conditions import EXTRACTORS, BadInput, get_extractor
+from zeroconv.data.shards import DEFAULT_SHARD_SIZE
 from zeroconv.data.transforms import normalize
 from zeroconv.errors import UserError
 
@@ -57,8 +64,10 @@ logger = logging.getLogger("zeroconv.prepare")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 IMAGE_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 STATE_DIR = ".prepare"
-# Settings that do not change the dataset; a resumed run may change them freely.
-RUN_ONLY_SETTINGS = ("num_proc", "strict", "overwrite", "preview", "device", "caption_batch_size", "images", "out")
+# Settings that do not change the dataset; a resumed run may change them freely. The shards are rebuilt from the
+# per-image records on every run, so --format and --shard_size are among them.
+RUN_ONLY_SETTINGS = ("num_proc", "strict", "overwrite", "preview", "device", "caption_batch_size", "images", "out",
+                     "format", "shard_size")
 
 
 @dataclass
@@ -93,6 +102,15 @@ class PrepareConfig:
     strict: bool = option(False, "Stop at the first bad file instead of skipping it.")
     preview: int = option(16, "Examples shown in preview.png (0: no preview).")
     overwrite: bool = option(False, "Start afresh in an --out folder prepared with other settings.")
+    format: str = option(
+        "folder", "Layout of the dataset. folder: images/, conditioning_images/ and metadata.jsonl (the imagefolder "
+        "layout). webdataset: also tar shards of --shard_size samples (image, conditioning image, caption each) and "
+        "their index shards.json, which `zeroconv train --train_data_dir OUT` streams with a shuffle buffer (for "
+        "datasets larger than a disk: copy or serve only the .tar files and shards.json).",
+        choices=["folder", "webdataset"])
+    shard_size: int = option(DEFAULT_SHARD_SIZE, "--format webdataset: samples per tar shard (the last one holds the "
+                             "rest). Streaming splits shards across processes and loader workers, so keep several "
+                             "shards per worker: shards >= processes x --dataloader_num_workers.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,6 +392,8 @@ def check_config(cfg: PrepareConfig) -> None:
         raise UserError("--caption_batch_size must be at least 1")
     if cfg.caption_template:
         check_template(cfg.caption_template)
+    if cfg.shard_size < 1:
+        raise UserError(f"--shard_size {cfg.shard_size}: must be at least 1 (samples per tar shard)")
     get_extractor(cfg.condition, seed=cfg.seed, **parse_condition_options(cfg))  # names and options fail here
 
 
@@ -441,6 +461,48 @@ def run_captioner(cfg: PrepareConfig, out: Path, records: dict[str, dict]) -> in
                 write_record(out, record["source"], record, tmp)
             bar.update(len(batch))
     return len(pending)
+
+
+def write_webdataset(out: Path, rows: list[dict], shard_size: int) -> int:
+    """The rows as tar shards of `shard_size` samples and their index (zeroconv.data.shards); returns the shard
+    count. 0 (--format folder): none, and those of an earlier --format webdataset run are removed.
+
+    The index goes first and comes back last, and a marker stands in between: a run killed while writing shards
+    leaves no shards.json, so no trainer reads a half-written set (it names the fix: run prepare again). The shards are rebuilt from the
+    per-image records on every run (a copy of files already encoded), so a resumed prepare needs no shard state."""
+    from zeroconv.data import shards
+
+    (out / shards.INDEX).unlink(missing_ok=True)
+    (out / shards.UNFINISHED).unlink(missing_ok=True)  # --format folder: no shards to finish
+    chunks = [rows[start:start + shard_size] for start in range(0, len(rows), shard_size)] if shard_size else []
+    names = {shards.shard_name(number) for number in range(len(chunks))}
+    for stale in out.glob("shard-*.tar"):  # of an earlier run with more rows, smaller shards or another --format
+        if stale.name not in names:
+            stale.unlink()
+    if not chunks:
+        return 0
+    from tqdm.auto import tqdm
+
+    tmp = out / STATE_DIR / "tmp"
+    (out / shards.UNFINISHED).touch()
+    written = []
+    with tqdm(total=len(rows), desc="shards", unit="img", dynamic_ncols=True) as bar:
+        for number, chunk in enumerate(chunks):
+            first = number * shard_size
+
+            def samples(chunk=chunk, first=first):
+                for offset, row in enumerate(chunk):
+                    image = Path(row["file_name"])
+                    yield {"__key__": f"{first + offset:09d}",
+                           f"{shards.IMAGE}{image.suffix}": (out / image).read_bytes(),
+                           shards.CONDITION: (out / row["conditioning_image_file_name"]).read_bytes(),
+                           shards.CAPTION: row["text"].encode("utf-8")}
+                    bar.update(1)
+
+            name = shards.shard_name(number)
+            written.append(shards.Shard(name, shards.write_shard(out / name, samples(), tmp), first))
+    shards.write_index(out, written, tmp)
+    return len(written)
 
 
 def write_preview(out: Path, rows: list[dict], count: int, thumb: int = 128) -> None:
@@ -526,6 +588,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             converted.append({"file": task.relative, "notes": record["notes"]})
     metadata = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
     write_atomic(out / "metadata.jsonl", metadata, out / STATE_DIR / "tmp")
+    shard_count = write_webdataset(out, rows, cfg.shard_size if cfg.format == "webdataset" else 0)
     if cfg.preview:
         write_preview(out, rows, cfg.preview)
     finished = time.perf_counter()
@@ -537,6 +600,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "skipped_by_kind": dict(sorted(Counter(s["kind"] for s in skipped).items())),
             "converted": len(converted), "resumed": resumed, "prepared_this_run": len(todo),
             "captions_by_source": dict(sorted(sources.items())), "captioned_by_model_this_run": captioned_by_model,
+            **({"shards": shard_count} if cfg.format == "webdataset" else {}),
         },
         "skipped": skipped,
         "converted": converted,

@@ -12,6 +12,8 @@ rows costs a metadata read, not 100k image decodes. Sources:
 - kohya pair: images/ and conditioning/ matched by file stem, caption in images/<stem>.txt or .caption.
 - `datasets`: a save_to_disk folder (load_from_disk), or anything `datasets.load_dataset` reads (hub id,
   local script, data folder).
+- webdataset shards of `zeroconv prepare --format webdataset` (a folder with shards.json): `ShardExamples`, which
+  zeroconv.data.stream streams; they have a length and no random access.
 
 `check_data_args(cfg)` runs every check possible before a model loads; each failure is a one-line UserError.
 """
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from zeroconv.config import check_train_config, union_columns
+from zeroconv.data.shards import ShardIndex, is_shard_folder, is_unfinished, read_index
 from zeroconv.errors import UserError
 from zeroconv.jsonl import read_rows
 
@@ -252,6 +255,11 @@ def is_save_to_disk_folder(folder: Path) -> bool:
 
 
 def open_local_folder(folder: Path, cfg, flag: str) -> Examples:
+    if is_shard_folder(folder):
+        return open_shards(folder, cfg, flag)
+    if is_unfinished(folder):
+        raise UserError(f"{flag} {folder}: no shards.json, the index `zeroconv prepare --format webdataset` writes "
+                        "after its last shard: that prepare did not finish; run it again (it resumes)")
     for metadata in [folder / name for name in METADATA_FILES] + [folder / "train" / n for n in METADATA_FILES]:
         if metadata.is_file():
             return read_imagefolder(metadata, cfg)
@@ -270,6 +278,38 @@ def open_local_folder(folder: Path, cfg, flag: str) -> Examples:
     if cfg.train_data_dir:
         return open_with_load_dataset(str(folder), None, cfg, flag)
     return open_with_load_dataset(str(folder), cfg.dataset_config_name, cfg, flag)
+
+
+class ShardExamples(Examples):
+    """The rows of a webdataset shard set (zeroconv.data.shards), streamed by zeroconv.data.stream: a length, no
+    random access."""
+
+    def __init__(self, index: ShardIndex, description: str):
+        self.index, self.description = index, description
+
+    def __len__(self) -> int:
+        return self.index.samples
+
+    def __getitem__(self, index: int) -> Example:
+        raise TypeError("webdataset shards are streamed (zeroconv.data.stream): no random access")
+
+    def fingerprint(self) -> str:
+        return self.index.fingerprint()
+
+
+def open_shards(folder: Path, cfg, flag: str) -> ShardExamples:
+    """A folder of `zeroconv prepare --format webdataset` shards, with the options a stream cannot serve refused."""
+    refused = {"--aspect_buckets": cfg.aspect_buckets is not None,
+               "--conditioning_image_columns": bool(union_columns(cfg)),
+               "--max_train_samples": cfg.max_train_samples is not None,
+               f"--cache {cfg.cache}": cfg.cache in ("on", "only")}
+    for option, given in refused.items():
+        if given:
+            raise UserError(f"{option} with {flag} {folder} (webdataset shards, streamed): a stream has no random "
+                            "access to every sample up front; drop the option, or train from the folder layout "
+                            "(`zeroconv prepare` without --format webdataset)")
+    index = read_index(folder, flag)
+    return ShardExamples(index, f"webdataset shards {folder} ({len(index.shards)} shards)")
 
 
 def identity_of(cfg, layout: str, columns: dict) -> dict:

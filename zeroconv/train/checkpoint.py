@@ -56,6 +56,8 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     skipped_samples: int = 0  # unreadable samples replaced by others
     nonfinite_log: list = field(default_factory=list)  # steps whose update was skipped
+    # a streamed run's layout (zeroconv.data.stream.StreamDataset.layout), which gives batches_in_epoch its meaning
+    stream: dict = field(default_factory=dict)
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:

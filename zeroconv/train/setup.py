@@ -17,7 +17,9 @@ import torch
 from zeroconv.config import TrainConfig, save_yaml, to_dict, union_columns, union_weights
 from zeroconv.data.cache import LatentCache
 from zeroconv.data.dataset import ControlNetDataset
-from zeroconv.data.sources import Examples
+from zeroconv.data.shards import is_shard_folder
+from zeroconv.data.sources import Examples, ShardExamples
+from zeroconv.data.stream import StreamDataset
 from zeroconv.errors import UserError
 from zeroconv.models.base import Base
 from zeroconv.models.dtypes import resolve_mixed_precision, weight_dtype
@@ -55,6 +57,9 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
 def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNetDataset:
     from zeroconv.data.transforms import PairedTransform
 
+    if isinstance(examples, ShardExamples):  # `zeroconv cache`: train streams shards through build_stream
+        raise UserError("webdataset shards are streamed and a latent cache is built from every sample up front; "
+                        "train on them with --cache auto (live), or cache a folder layout")
     condition_fn = None
     if cfg.condition:
         from zeroconv.data.conditions import get_extractor
@@ -73,6 +78,28 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
         if union_columns(cfg) else {}
     return ControlNetDataset(examples, transform, seed=seed, random_flip=cfg.random_flip, strict_data=cfg.strict_data,
                              condition_fn=condition_fn, buckets=buckets, bucket_of=bucket_of, **union)
+
+
+def build_stream(cfg: TrainConfig, examples: ShardExamples, seed: int, accelerator) -> StreamDataset:
+    """The streamed dataset of webdataset shards for this rank: build_dataset's transform, draws and condition over
+    samples that come from the shards (zeroconv.data.stream)."""
+    return StreamDataset(examples.index, build_dataset(cfg, [], seed), seed=seed, batch_size=cfg.train_batch_size,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         num_workers=cfg.dataloader_num_workers, shuffle_buffer=cfg.shuffle_buffer)
+
+
+def check_stream_resume(state, dataset: StreamDataset, checkpoint: Path | None) -> None:
+    """A mid-epoch position of a streamed run means something only with the layout it was counted in; record the
+    layout for the next checkpoint."""
+    layout = dataset.layout()
+    if checkpoint is not None and state.batches_in_epoch and state.stream != layout:
+        differ = sorted(k for k in set(state.stream) | set(layout) if state.stream.get(k) != layout.get(k))
+        details = "; ".join(f"{k}: checkpoint {state.stream.get(k)!r} vs now {layout.get(k)!r}" for k in differ)
+        raise UserError(f"--resume_from_checkpoint {checkpoint}: its stream position (epoch {state.epoch}, batch "
+                        f"{state.batches_in_epoch}) was counted in another stream layout ({details}); resume with the "
+                        "same shards, processes, --dataloader_num_workers, --train_batch_size and --shuffle_buffer, "
+                        "or from a checkpoint at an epoch's end")
+    state.stream = layout
 
 
 def load_frozen_base(cfg: TrainConfig, dtype: torch.dtype | None = None) -> Base:
@@ -129,6 +156,8 @@ def cache_cannot_serve(cfg: TrainConfig) -> str | None:
         return "--aspect_buckets gives latents of varying shapes and a cache holds one square crop per image"
     if union_columns(cfg):
         return "--conditioning_image_columns gives several conditions per image and a cache holds one"
+    if is_shard_folder(cfg.train_data_dir or cfg.dataset_name):
+        return "webdataset shards are streamed and a cache is built from every sample up front"
     return None
 
 
@@ -342,7 +371,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # data first: a bad dataset should not cost a model load
-    dataset = build_dataset(cfg, checked.examples, seed)
+    streamed = isinstance(checked.examples, ShardExamples)
+    dataset = (build_stream(cfg, checked.examples, seed, accelerator) if streamed
+               else build_dataset(cfg, checked.examples, seed))
     base = load_frozen_base(cfg)
     family = base.family
     if cfg.controlnet_model_name_or_path:
@@ -394,7 +425,8 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     checkpoint_bytes = 12 * sum(p.numel() for p in controlnet_params + decoder_params)
     check_disk_space(cfg.output_dir, checkpoint_bytes * ((cfg.checkpoints_total_limit or 1) + 1))
     optimizer = make_optimizer(cfg, controlnet_params, decoder_params, lr_scale)
-    per_epoch = batches_per_epoch(len(dataset), cfg.train_batch_size, accelerator.num_processes, dataset.bucket_of)
+    per_epoch = (dataset.batches_per_epoch() if streamed else
+                 batches_per_epoch(len(dataset), cfg.train_batch_size, accelerator.num_processes, dataset.bucket_of))
     max_train_steps = steps_for(per_epoch, cfg.gradient_accumulation_steps, cfg.num_train_epochs,
                                 cfg.max_train_steps)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
@@ -435,8 +467,10 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                                     lr_scheduler=lr_scheduler, scaler=accelerator.scaler, ema=ema)
         logger.warning("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.global_step, state.epoch,
                        state.batches_in_epoch)
+    if streamed:
+        check_stream_resume(state, dataset, checkpoint)
 
-    bucket_of = dataset.bucket_of  # a latent cache never serves a bucketed run (usable_cache)
+    bucket_of = None if streamed else dataset.bucket_of  # a latent cache never serves a bucketed run (usable_cache)
     cache = usable_cache(cfg, dataset, base, accelerator.device, dtype)
     if cache is None:
         encoders = LiveEncoders(base, accelerator.device, dtype)
@@ -464,7 +498,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="train",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    logger.info("%d examples, %d optimizer steps, effective batch %d", len(dataset), max_train_steps,
+    logger.info("%d examples, %d optimizer steps, effective batch %d", len(checked.examples), max_train_steps,
                 cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes)
     return dict(cfg=cfg, accelerator=accelerator, base=base, controlnet=controlnet, unet=unet, encoders=encoders,
                 noise_scheduler=base.noise_scheduler, noise_recipe=noise_recipe(cfg, max_train_steps), optimizer=optimizer, lr_scheduler=lr_scheduler,

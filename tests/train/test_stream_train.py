@@ -1,0 +1,77 @@
+"""A streamed webdataset run trains, checkpoints, is killed, and resumes without repeating a consumed shard
+(issue 16)."""
+
+import json
+import logging
+import signal
+
+import pytest
+import torch
+
+from tests.data.test_stream import opened, prepare_shards, shard_log
+from tests.train.helpers import controlnet_weights, fresh_setup, losses, tiny_config, train_recording_batches
+from tests.train.test_reliability import start_trainer, wait_for
+from zeroconv.errors import UserError
+
+
+def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_shards_only(
+        tiny_base, tmp_path, monkeypatch, caplog):
+    data = prepare_shards(tmp_path, 32, 4)  # 8 shards of 4
+    # 2 loader workers of 4 shards each, batch 4: 8 steps an epoch; checkpoint-4 lies mid-epoch, mid-shard
+    common = dict(train_batch_size=4, dataloader_num_workers=2, shuffle_buffer=6, random_flip=True,
+                  checkpointing_steps=2, cache="auto")
+    straight = tmp_path / "straight"
+    with caplog.at_level(logging.WARNING, logger="zeroconv.train"):
+        reference = train_recording_batches(fresh_setup(tiny_config(tiny_base, data, straight, max_train_steps=8,
+                                                                    **common)))
+    assert any("webdataset shards are streamed" in r.getMessage() for r in caplog.records)  # --cache auto: off
+    epoch = [batch["index"].tolist() for batch in reference]
+    assert sorted(i for batch in epoch for i in batch) == list(range(32))  # every sample once in the epoch
+
+    out = tmp_path / "killed"
+    proc = start_trainer(tiny_config(tiny_base, data, out, max_train_steps=16, **common),
+                         ZEROCONV_TEST_SLOW_CHECKPOINT="2")
+    try:
+        wait_for(lambda: (out / "checkpoint-4" / "COMPLETE").is_file())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not (out / "checkpoint-8").exists()  # killed in mid-epoch
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (0, 4) and state["stream"]["workers"] == 2
+
+    log = shard_log(monkeypatch, tmp_path)
+    resumed = train_recording_batches(fresh_setup(tiny_config(tiny_base, data, out, max_train_steps=8,
+                                                              resume_from_checkpoint="latest", **common)))
+    rest = [batch["index"].tolist() for batch in resumed]
+    assert rest == epoch[4:]  # the uninterrupted run's batches 5-8, in its order
+    before_kill = {i for batch in epoch[:4] for i in batch}
+    consumed = {f"shard-{n:06d}.tar" for n in range(8) if set(range(4 * n, 4 * n + 4)) <= before_kill}
+    assert consumed  # whole shards lay behind the checkpoint...
+    assert not consumed & set(opened(log))  # ...and the resumed run never opened one of them
+    assert sorted(before_kill | {i for batch in rest for i in batch}) == list(range(32))
+    assert not before_kill & {i for batch in rest for i in batch}  # no sample of the epoch twice
+
+    a, b = (controlnet_weights(run / "checkpoint-8") for run in (straight, out))  # the uninterrupted run's model
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {s: v for s, v in losses(out).items() if s > 4} == {s: v for s, v in losses(straight).items() if s > 4}
+
+    # a mid-epoch position means nothing in another layout: refused, naming what differs
+    other = dict(common, dataloader_num_workers=0)
+    with pytest.raises(UserError, match="another stream layout.*workers: checkpoint 2 vs now 1"):
+        fresh_setup(tiny_config(tiny_base, data, tmp_path / "other", max_train_steps=8,
+                                resume_from_checkpoint=str(out / "checkpoint-4"), **other))
+
+
+def test_two_processes_stream_unequal_shards_in_equal_steps(tiny_base, tmp_path):
+    """7 shards (the last of 2) on 2 processes: one takes 4 shards, the other 3, and both take 8 batches of 2 per
+    epoch (the shorter stream fills up), so DDP's collectives pair up and the run ends instead of hanging."""
+    from tests.train.test_distributed import launch_two
+
+    data = prepare_shards(tmp_path, 26, 4)
+    out = tmp_path / "two"
+    launch_two(tiny_base, data, out, 10, "--shuffle_buffer", "3", "--checkpointing_steps", "5")
+    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)  # epoch 0 was 8 steps, on both ranks
+    assert state["stream"]["world_size"] == 2 and sorted(losses(out)) == list(range(1, 11))
