@@ -461,6 +461,10 @@ class TrainConfig:
     ema_decay: float = option(0.9999, "Largest decay of --use_ema's average (diffusers' EMAModel default).")
     max_nonfinite_steps: int = option(
         10, "Stop (with a checkpoint of the last good state) after this many NaN/inf steps in a row.")
+    ddp_timeout: int = option(
+        120, "Minutes a process waits at a collective (while the main process validates or writes a checkpoint) "
+        "before the run fails (kohya's flag and unit). torch's own default is 10 to 30 minutes, which a long "
+        "validation of a large base can exceed on the other GPUs.")
     mixed_precision: str | None = option(
         None, "Mixed precision: no, fp16 or bf16 (default: accelerate's config). fp16 falls back to fp32 on CPU "
         "with a warning.", choices=["no", "fp16", "bf16"])
@@ -525,7 +529,7 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         raise UserError(f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE's latent grid); "
                         f"try {max(8, cfg.resolution // 8 * 8)}")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "logging_steps", "max_nonfinite_steps"):
+                 "logging_steps", "max_nonfinite_steps", "ddp_timeout"):
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if not 0.0 <= cfg.proportion_empty_prompts <= 1.0:

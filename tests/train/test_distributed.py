@@ -172,3 +172,22 @@ def test_launches_that_would_train_wrongly_are_refused_before_any_model_loads(ti
     assert "2 processes were launched (WORLD_SIZE=2) but accelerate joined none of them" in result.stderr
     assert "Traceback" not in result.stderr.split("2 processes were launched")[0][-2000:]
     assert not (tmp_path / "alone" / "checkpoint-2").exists()
+
+
+def test_processes_wait_ddp_timeout_minutes_at_a_collective(tiny_base, tiny_dataset, tmp_path):
+    """The waiting ranks of a long validation get --ddp_timeout, not torch's 10-30 minutes."""
+    from datetime import timedelta
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tests.train.helpers import tiny_config
+    from zeroconv.config import check_train_config
+    from zeroconv.errors import UserError
+    from zeroconv.train.setup import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = make_accelerator(tiny_config(tiny_base, tiny_dataset, tmp_path, ddp_timeout=7))
+    assert accelerator.init_handler.timeout == timedelta(minutes=7)
+    with pytest.raises(UserError, match="--ddp_timeout must be at least 1"):
+        check_train_config(tiny_config(tiny_base, tiny_dataset, tmp_path, ddp_timeout=0))

@@ -38,8 +38,10 @@ def run_seed(cfg: TrainConfig) -> int:
 
 
 def make_accelerator(cfg: TrainConfig, tracking: bool = True):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     if not tracking:
         return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
@@ -47,7 +49,9 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
     # down-block zero convs out of the loss, and a union step may leave out a condition type's parts
     unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.only_mid_control or bool(union_columns(cfg)))
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), kwargs_handlers=[unused],
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        # the other processes wait at a barrier while the main one validates: give them --ddp_timeout, not torch's
+        kwargs_handlers=[unused, InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout))],
         log_with=tracker_names(cfg.report_to) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)),
