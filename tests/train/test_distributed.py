@@ -46,9 +46,8 @@ def launch_two(base, data, out, steps, *extra, env=None, check=True, config=DDP_
     return result
 
 
-def test_two_processes_train_checkpoint_and_resume_exactly(tiny_base, tiny_dataset, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch_two(tiny_base, tiny_dataset, straight, 4)
+def test_two_processes_train_checkpoint_and_resume_exactly(tiny_base, tiny_dataset, tmp_path, ddp_four_steps):
+    straight, resumed = ddp_four_steps, tmp_path / "resumed"
     launch_two(tiny_base, tiny_dataset, resumed, 2)
     assert (resumed / "checkpoint-2" / "COMPLETE").is_file()
     launch_two(tiny_base, tiny_dataset, resumed, 4, "--resume_from_checkpoint", "latest")
@@ -61,13 +60,13 @@ def test_two_processes_train_checkpoint_and_resume_exactly(tiny_base, tiny_datas
     assert (summary["processes"], summary["effective_batch"]) == (2, 4)  # 2 per process x 2 processes
 
 
-def test_two_processes_at_half_the_batch_train_the_model_of_one_process(tiny_base, tiny_dataset, tmp_path):
+def test_two_processes_at_half_the_batch_train_the_model_of_one_process(tiny_base, tiny_dataset, tmp_path,
+                                                                       ddp_four_steps):
     """Every sample draws its noise, timestep and posterior from (seed, step, index), and DDP averages the two
     halves' gradients: 2 processes x batch 2 is the step of 1 process x batch 4, to float rounding."""
     from tests.train.helpers import run_training, tiny_config
 
-    two, one = tmp_path / "two", tmp_path / "one"
-    launch_two(tiny_base, tiny_dataset, two, 4)
+    two, one = ddp_four_steps, tmp_path / "one"
     assert run_training(tiny_config(tiny_base, tiny_dataset, one, train_batch_size=4, max_train_steps=4, seed=7,
                                     learning_rate=1e-4, checkpointing_steps=2)) == 0
     a, b = controlnet_weights(two), controlnet_weights(one)

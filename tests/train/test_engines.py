@@ -89,12 +89,11 @@ def launch_fsdp(base, data, out, steps, *extra):
     return launch_two(base, data, out, steps, *extra, config=FSDP_CONFIG, module="tests.train.fsdp_on_cpu")
 
 
-def test_fsdp_trains_checkpoints_resumes_exactly_and_matches_ddp(tiny_base, tiny_dataset, tmp_path):
-    ddp, straight, resumed = tmp_path / "ddp", tmp_path / "straight", tmp_path / "resumed"
+def test_fsdp_trains_checkpoints_resumes_exactly_and_matches_ddp(tiny_base, tiny_dataset, tmp_path, ddp_four_steps):
+    ddp, straight, resumed = ddp_four_steps, tmp_path / "straight", tmp_path / "resumed"
     validation_image = next((Path(tiny_dataset) / "conditioning").rglob("*.png"))
     validation = ("--validation_image", str(validation_image), "--validation_prompt", "a square",
                   "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2")
-    launch_two(tiny_base, tiny_dataset, ddp, 4)
     launch_fsdp(tiny_base, tiny_dataset, straight, 4, *validation)
     launch_fsdp(tiny_base, tiny_dataset, resumed, 2)
     launch_fsdp(tiny_base, tiny_dataset, resumed, 4, "--resume_from_checkpoint", "latest")

@@ -328,10 +328,13 @@ def check_launch(accelerator) -> None:
                         "output_dir; on CPUs set ACCELERATE_USE_CPU=1 for the launch (gloo), or launch one process")
 
 
-def metric_names() -> set[str]:
-    from zeroconv.evaluate.metrics import METRICS
+def validation_metric(cfg: TrainConfig) -> Callable | None:
+    """The controllability metric of every validation: --validation_metric, else the --condition's own, else (a
+    union run) the first condition column named after a metric (validate.py scores each type by its own)."""
+    from zeroconv.evaluate.metrics import METRICS, get_metric
 
-    return set(METRICS)
+    name = cfg.validation_metric or cfg.condition or next((c for c in union_columns(cfg) if c in METRICS), None)
+    return get_metric(name) if name in METRICS else None
 
 
 def check_union_controlnet(cfg: TrainConfig, controlnet) -> None:
@@ -488,15 +491,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
                             pin_memory=accelerator.device.type == "cuda", bucket_of=bucket_of)
-    # a union run without --validation_metric scores each condition type named after a metric (validate.py)
-    metric_name = cfg.validation_metric or (cfg.condition if cfg.condition else None) or next(
-        (name for name in union_columns(cfg) if name in metric_names()), None)
-    metric_fn = None
-    if metric_name:
-        from zeroconv.evaluate.metrics import METRICS, get_metric
-
-        if metric_name in METRICS:
-            metric_fn = get_metric(metric_name)
+    metric_fn = validation_metric(cfg)
     if accelerator.is_main_process:
         save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
