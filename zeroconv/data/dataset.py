@@ -40,6 +40,13 @@ logger = logging.getLogger("zeroconv.data")
 DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, struct.error, zlib.error)
 
 
+def epoch_rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
+    """The generator of one kind of random choice in one epoch: a sample's (keys: index, and a number per kind of
+    draw) or a stream's shuffle buffer (zeroconv.data.stream). Its own stream per key, so no draw depends on the
+    worker count, the rank or any other draw."""
+    return np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, *keys])
+
+
 class BadSample(Exception):
     def __init__(self, label: str, reason: str):
         super().__init__(f"{label}: {reason}")
@@ -75,7 +82,7 @@ class ControlNetDataset(torch.utils.data.Dataset):
     def draws(self, index: int) -> tuple[bool, float, tuple[float, float]]:
         """(flip, caption draw in [0, 1), crop draws (rows, columns) in [0, 1)) of sample `index` in the current
         epoch. The crop draws come after the first two, which stay what they were before there was a crop."""
-        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index])
+        rng = epoch_rng(self.seed, self.epoch, index)
         flip_draw, caption_draw, crop_rows, crop_columns = rng.random(4)
         crop_draw = (float(crop_rows), float(crop_columns))
         return bool(self.random_flip and flip_draw < 0.5), float(caption_draw), crop_draw
@@ -85,7 +92,7 @@ class ControlNetDataset(torch.utils.data.Dataset):
         `union_weights`, each other with probability `union_extra_probability`, so type k is given with
         probability w_k + (1 - w_k) p. From a generator of its own (seed, epoch, index, 2): the flip, caption and
         crop draws stay what they are in a plain run."""
-        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index, 2])
+        rng = epoch_rng(self.seed, self.epoch, index, 2)
         weights = np.asarray(self.union_weights, dtype=np.float64)
         first = rng.choice(len(weights), p=weights / weights.sum())
         given = rng.random(len(weights)) < self.union_extra_probability
@@ -149,7 +156,7 @@ class ControlNetDataset(torch.utils.data.Dataset):
             image = self.transform.fit_image(image, crop.centering, crop.target)
             # the extractor's random choices (thresholds, stroke widths) are drawn per (seed, epoch, sample) like
             # the flip, so they too survive resume and do not depend on the worker count
-            rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, self.epoch, index, 1])
+            rng = epoch_rng(self.seed, self.epoch, index, 1)
             path = example.image if isinstance(example.image, (str, os.PathLike)) else None
             try:
                 condition = self.condition_fn(image, rng=rng, path=path)

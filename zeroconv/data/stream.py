@@ -42,7 +42,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from zeroconv.data.dataset import BadSample, ControlNetDataset, describe, strict_error
+from zeroconv.data.dataset import BadSample, ControlNetDataset, describe, epoch_rng, strict_error
 from zeroconv.data.order import epoch_generator
 from zeroconv.data.shards import Shard, ShardIndex, read_shard, sample_fields
 from zeroconv.data.sources import Example
@@ -117,7 +117,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         """The stream's positions (offsets into its shards' samples, end to end) in the order it yields them, one
         epoch's B x T: the shuffle buffer's order, then that order again from the start to fill up."""
         count = sum(shard.samples for shard in shards)
-        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank, worker, 3])
+        rng = epoch_rng(self.seed, epoch, rank, worker, 3)
         order = shuffle_order(count, self.shuffle_buffer, rng)
         total = self.batches_per_worker * self.batch_size
         return (order * -(-total // count))[:total]
