@@ -300,6 +300,15 @@ class TrainConfig:
     dataset_name: str | None = option(
         None, "A `datasets` dataset: hub id, local dataset script or folder, or a save_to_disk folder.")
     dataset_config_name: str | None = option(None, "Config name of the dataset, if it has several.")
+    streaming: bool = option(
+        False, "Stream --dataset_name instead of downloading it (the name of datasets' load_dataset(..., "
+        "streaming=True)): its train split's parquet files (a hub id, or a local folder or .parquet file) are read "
+        "as training goes, never whole, each file a shard of the webdataset stream (see --train_data_dir): "
+        "permuted per epoch, split across processes and loader workers, mixed in --shuffle_buffer, a sample's "
+        "index its row position in the file list. Row counts come from the files' footers, so every process takes "
+        "the same steps, and a resume continues exactly, skipping the files already consumed. Parquet only (the "
+        "Hub's own format for uploaded datasets); other formats are refused. Not with --aspect_buckets, "
+        "--conditioning_image_columns, --max_train_samples or --cache on/only.")
     train_data_dir: str | None = option(
         None, "A local folder: imagefolder layout (metadata.jsonl with file_name, conditioning_image_file_name, "
         "text), Fill50K layout (prompt.json, source/, target/), kohya pair (images/ + conditioning/ + .txt), or "
@@ -369,7 +378,7 @@ class TrainConfig:
         "unconditional branch; on the demo the circle colors drifted late (accuracy 0.75 at step 800, 0.94 with 0.5).")
     dataloader_num_workers: int = option(0, "Data loader worker processes; 0 loads in the main process.")
     shuffle_buffer: int = option(
-        1000, "Streamed webdataset shards: samples each loader worker holds (undecoded) to shuffle across shard "
+        1000, "Streamed webdataset shards and --streaming: samples each loader worker holds (undecoded) to shuffle across shard "
         "boundaries; each new sample takes the place of a random one, which goes to training. Larger mixes better "
         "and costs memory (about one encoded image pair per sample) and a longer first batch; 0 or 1: shard order "
         "only. Folder layouts are shuffled whole and ignore it.")
@@ -554,6 +563,9 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
         if getattr(cfg, flag) < 0:
             raise UserError(f"--{flag} {getattr(cfg, flag)}: must be 0 or more (train_controlnet_flux.py's defaults "
                             "are 4 and 10)")
+    if cfg.streaming and not cfg.dataset_name:
+        raise UserError("--streaming streams a --dataset_name (its parquet files); webdataset shards in "
+                        "--train_data_dir are streamed without it and other folders are read whole: drop --streaming")
     if cfg.shuffle_buffer < 0:
         raise UserError(f"--shuffle_buffer {cfg.shuffle_buffer}: must be 0 or more (samples per loader worker)")
     if cfg.max_train_samples is not None and cfg.max_train_samples < 1:

@@ -59,6 +59,37 @@ def tiny_shards(folder: Path, counts: list[int]) -> shards.ShardIndex:
     return shards.read_index(folder, "--train_data_dir")
 
 
+def tiny_parquet(folder: Path, counts: list[int], columns=("image", "conditioning_image", "text"), **flags):
+    """A `datasets` dataset of one parquet file per count (datasets' Image features, as the Hub stores them), with
+    the tiny_shards samples: 8x8 images whose pixels carry the row's global index; returns its streamed index."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image, condition, caption = columns
+    features = datasets.Features({image: datasets.Image(), condition: datasets.Image(), caption: datasets.Value("string")})
+    first = 0
+    for number, count in enumerate(counts):
+        rows = range(first, first + count)
+        pixels = [Image.fromarray(np.full((8, 8, 3), index % 256, np.uint8)) for index in rows]
+        datasets.Dataset.from_dict({image: pixels, condition: pixels, caption: [f"sample {i}" for i in rows]},
+                                   features=features).to_parquet(folder / f"train-{number:05d}-of-{len(counts):05d}.parquet")
+        first += count
+    return streamed(folder, **flags).index
+
+
+def streamed(folder: Path, **flags):
+    """load_examples of `--dataset_name folder --streaming`."""
+    from tests.train.helpers import tiny_config
+    from zeroconv.data.sources import load_examples
+
+    return load_examples(tiny_config("unused", "unused", folder.parent / "run", train_data_dir=None,
+                                     dataset_name=str(folder), streaming=True, **flags))
+
+
+# the two kinds of shard a stream reads: webdataset tars, and the parquet files of a `datasets` dataset
+SHARD_SETS = {"webdataset": tiny_shards, "parquet": tiny_parquet}
+
+
 def stream_dataset(index, *, rank=0, world_size=1, num_workers=0, batch_size=2, shuffle_buffer=5, seed=3):
     from zeroconv.data.dataset import ControlNetDataset
     from zeroconv.data.transforms import PairedTransform
@@ -84,10 +115,10 @@ def shard_log(monkeypatch, tmp_path) -> Path:
     log = tmp_path / "opened.txt"
     original = stream.read_shard
 
-    def logged(path):
+    def logged(index, shard):
         with open(log, "a") as fh:
-            fh.write(Path(path).name + "\n")
-        return original(path)
+            fh.write(Path(shard.name).name + "\n")
+        return original(index, shard)
 
     monkeypatch.setattr(stream, "read_shard", logged)
     return log
@@ -184,10 +215,11 @@ def test_an_index_naming_a_missing_or_truncated_shard_is_refused(tmp_path):
         epoch_indices(dataset)
 
 
+@pytest.mark.parametrize("kind", SHARD_SETS)
 @pytest.mark.parametrize("shuffle_buffer", [0, 6])
 def test_every_sample_once_per_epoch_across_2_ranks_and_2_workers_in_the_same_order_for_the_same_seed(
-        tmp_path, shuffle_buffer):
-    index = tiny_shards(tmp_path / "set", [4] * 8)  # 8 shards of 4: 2 per (rank, worker), 4 batches of 2 each
+        tmp_path, shuffle_buffer, kind):
+    index = SHARD_SETS[kind](tmp_path / "set", [4] * 8)  # 8 shards of 4: 2 per (rank, worker), 4 batches of 2 each
     seen = {}
     for epoch in range(2):
         for rank in range(2):
@@ -233,10 +265,11 @@ def test_the_shuffle_buffer_order_is_a_permutation_and_holds_at_most_the_buffer(
     assert stream.shuffle_order(5, 1, rng) == list(range(5))
 
 
+@pytest.mark.parametrize("kind", SHARD_SETS)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_at_any_batch_continues_the_epoch_exactly_and_never_opens_a_consumed_shard(tmp_path, monkeypatch,
-                                                                                         workers):
-    index = tiny_shards(tmp_path / "set", [3] * 6)  # 18 samples, batch 3: 6 batches, a shuffle buffer of 4
+                                                                                         workers, kind):
+    index = SHARD_SETS[kind](tmp_path / "set", [3] * 6)  # 18 samples, batch 3: 6 batches, a shuffle buffer of 4
     dataset = stream_dataset(index, num_workers=workers, batch_size=3, shuffle_buffer=4)
     full = epoch_indices(dataset, 2, workers=workers)
     assert sorted(i for batch in full for i in batch) == list(range(18))
@@ -248,7 +281,7 @@ def test_resume_at_any_batch_continues_the_epoch_exactly_and_never_opens_a_consu
                                 workers=workers)
         assert resumed == full[start:], start  # the batches, in the order, of the uninterrupted epoch
         trained = {i for batch in full[:start] for i in batch}
-        consumed = {f"shard-{n:06d}.tar" for n in range(6) if {3 * n, 3 * n + 1, 3 * n + 2} <= trained}
+        consumed = {Path(index.shards[n].name).name for n in range(6) if {3 * n, 3 * n + 1, 3 * n + 2} <= trained}
         assert not consumed & set(opened(log)), start
         assert len(opened(log)) == len(set(opened(log)))  # each remaining shard read once
         skipped_some |= bool(consumed)
@@ -284,3 +317,64 @@ def test_too_few_shards_for_the_streams_is_refused_naming_the_fix(tmp_path):
     index = tiny_shards(tmp_path / "set", [4, 4, 4])
     with pytest.raises(UserError, match="3 shards for 2 processes x 2 loader workers.*--shard_size"):
         stream_dataset(index, world_size=2, num_workers=2)
+
+
+def test_a_streamed_parquet_row_is_its_row_of_the_whole_dataset_through_the_column_flags(tmp_path):
+    """--streaming reads the rows `load_dataset` gives (global index = row position across the ordered files),
+    with the columns --image_column etc. name, the counts from the footers."""
+    from zeroconv.data.dataset import collate
+    from zeroconv.data.order import epoch_batches
+    from zeroconv.data.sources import DatasetExamples, load_examples
+    from tests.train.helpers import tiny_config
+
+    flags = dict(image_column="target", conditioning_image_column="hint", caption_column="prompt")
+    folder = tmp_path / "ds"
+    index = tiny_parquet(folder, [3, 5, 2], columns=("target", "hint", "prompt"), **flags)
+    assert [(Path(s.name).name, s.samples, s.first_index) for s in index.shards] == [
+        ("train-00000-of-00003.parquet", 3, 0), ("train-00001-of-00003.parquet", 5, 3),
+        ("train-00002-of-00003.parquet", 2, 8)]
+    whole = load_examples(tiny_config("unused", "unused", tmp_path / "run", train_data_dir=None,
+                                      dataset_name=str(folder), **flags))
+    assert isinstance(whole, DatasetExamples) and [whole[i].caption for i in range(10)] == [
+        f"sample {i}" for i in range(10)]
+    dataset = stream_dataset(index, num_workers=0, batch_size=5, shuffle_buffer=4)
+    batches = epoch_batches(dataset, SimpleNamespace(epoch=0, batches_in_epoch=0), batch_size=5, seed=3,
+                            num_workers=0, collate_fn=collate)
+    for _ in range(2):
+        batch = next(batches)
+        for k, i in enumerate(batch["index"].tolist()):
+            assert batch["caption"][k] == f"sample {i}"  # the row's own caption...
+            value = (batch["conditioning_pixel_values"][k] * 255).round().unique().tolist()
+            assert value == [i], (i, value)  # ...and image: the draws of index i are row i's
+
+    with pytest.raises(UserError, match=r"--caption_column text: no such column.*columns are: target, hint, prompt"):
+        streamed(folder, image_column="target", conditioning_image_column="hint")
+    # a file without a column read is named
+    import datasets
+
+    datasets.Dataset.from_dict({"target": ["x"], "prompt": ["y"]}).to_parquet(folder / "train-00003-of-00003.parquet")
+    with pytest.raises(UserError, match=r"train-00003-of-00003.parquet has no column hint"):
+        streamed(folder, **flags)
+
+
+def test_streaming_refuses_what_it_cannot_count_or_serve_naming_the_fix(tmp_path):
+    folder = tmp_path / "json"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"image": "a.png", "conditioning_image": "b.png", "text": "t"}\n')
+    with pytest.raises(UserError, match=r"json files; --streaming reads parquet only.*zeroconv prepare --format "
+                                        r"webdataset.*or drop --streaming"):
+        streamed(folder)
+    tiny_parquet(tmp_path / "ds", [2, 2])
+    for flags, refused in ((dict(max_train_samples=2), "--max_train_samples"), (dict(cache="on"), "--cache on"),
+                           (dict(aspect_buckets="default"), "--aspect_buckets")):
+        with pytest.raises(UserError, match=f"{refused} with --dataset_name .* --streaming: a stream has no random"):
+            streamed(tmp_path / "ds", **flags)
+    from tests.train.helpers import tiny_config
+    from zeroconv.data.sources import load_examples
+
+    with pytest.raises(UserError, match="--streaming streams a --dataset_name"):
+        load_examples(tiny_config("unused", tmp_path / "ds", tmp_path / "run", streaming=True))
+    # too few files for the streams: the fix names files, not --shard_size only
+    with pytest.raises(UserError, match=r"--streaming: 2 parquet files for 2 processes x 2 loader workers.*smaller "
+                                        r"parquet files"):
+        stream_dataset(streamed(tmp_path / "ds").index, world_size=2, num_workers=2)

@@ -43,15 +43,44 @@ class Shard:
 
 @dataclass(frozen=True)
 class ShardIndex:
+    """A webdataset shard set, as zeroconv.data.stream reads it. A stream's source is any object with these
+    members (zeroconv.data.datafiles.DataFileIndex is the other: the parquet files of a `datasets` dataset):
+    `shards`, `samples`, `where` (the flag and location, for messages), `unit` and `more_shards` (what a shard is
+    called and how to get more), `read(shard)` (its raw samples, in order), `fields(sample)` ((image, conditioning
+    image or None, caption); ValueError if it lacks one), `wrong_count(shard, found)` (the error for a shard that
+    holds another number of samples than listed), `fingerprint()` and `identity()` (what a resume must match)."""
+
     folder: Path
     shards: tuple[Shard, ...]
+
+    unit = "shards"
+    more_shards = "prepare smaller shards (--shard_size)"
 
     @property
     def samples(self) -> int:
         return sum(shard.samples for shard in self.shards)
 
+    @property
+    def where(self) -> str:
+        return f"--train_data_dir {self.folder}"
+
     def path(self, shard: Shard) -> Path:
         return self.folder / shard.name
+
+    def read(self, shard: Shard) -> Iterator[dict]:
+        return read_shard(self.path(shard))
+
+    @staticmethod
+    def fields(sample: dict) -> tuple[bytes, bytes, str]:
+        return sample_fields(sample)
+
+    def wrong_count(self, shard: Shard, found: int) -> UserError:
+        return UserError(f"{self.where}: {shard.name} holds {found} samples, its index says {shard.samples}; the "
+                         "shard is truncated, prepare it again")
+
+    def identity(self) -> dict:
+        """Run-identity keys (zeroconv.train.setup.run_identity): none, a shard set is checked by its fingerprint."""
+        return {}
 
     def fingerprint(self) -> str:
         """The shards' names, counts, sizes and mtimes: a resumed stream must read the shards it started on."""

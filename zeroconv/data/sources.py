@@ -14,12 +14,15 @@ rows costs a metadata read, not 100k image decodes. Sources:
   local script, data folder).
 - webdataset shards of `zeroconv prepare --format webdataset` (a folder with shards.json): `ShardExamples`, which
   zeroconv.data.stream streams; they have a length and no random access.
+- `--dataset_name X --streaming`: the parquet files of X's train split (zeroconv.data.datafiles), listed by
+  datasets' builder and counted from their footers, nothing downloaded; `ShardExamples` too, streamed alike.
 
 `check_data_args(cfg)` runs every check possible before a model loads; each failure is a one-line UserError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -33,6 +36,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from zeroconv.config import check_train_config, union_columns
+from zeroconv.data.datafiles import DataFileIndex, caption_value, data_file_index, read_footers
 from zeroconv.data.shards import ShardIndex, is_shard_folder, is_unfinished, read_index
 from zeroconv.errors import UserError
 from zeroconv.jsonl import read_rows
@@ -166,14 +170,6 @@ class DatasetExamples(Examples):
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def caption_value(value) -> str | list[str]:
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return str(value)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checks and entry points
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,6 +195,8 @@ def open_examples(cfg) -> Examples:
 
 
 def open_source(cfg) -> Examples:
+    if cfg.streaming:  # check_train_config: with --dataset_name only
+        return open_streamed_dataset(cfg)
     if cfg.jsonl_for_train:
         return open_jsonl(Path(cfg.jsonl_for_train), cfg)
     if cfg.train_data_dir:
@@ -281,35 +279,108 @@ def open_local_folder(folder: Path, cfg, flag: str) -> Examples:
 
 
 class ShardExamples(Examples):
-    """The rows of a webdataset shard set (zeroconv.data.shards), streamed by zeroconv.data.stream: a length, no
-    random access."""
+    """The rows of a webdataset shard set (zeroconv.data.shards) or of a dataset's parquet files
+    (zeroconv.data.datafiles), streamed by zeroconv.data.stream: a length, no random access."""
 
-    def __init__(self, index: ShardIndex, description: str):
+    def __init__(self, index: ShardIndex | DataFileIndex, description: str):
         self.index, self.description = index, description
 
     def __len__(self) -> int:
         return self.index.samples
 
     def __getitem__(self, index: int) -> Example:
-        raise TypeError("webdataset shards are streamed (zeroconv.data.stream): no random access")
+        raise TypeError(f"{self.description} is streamed (zeroconv.data.stream): no random access")
 
     def fingerprint(self) -> str:
         return self.index.fingerprint()
 
 
-def open_shards(folder: Path, cfg, flag: str) -> ShardExamples:
-    """A folder of `zeroconv prepare --format webdataset` shards, with the options a stream cannot serve refused."""
+def refuse_for_stream(cfg, where: str, fix: str) -> None:
+    """The options a stream cannot serve (they need every sample up front), refused naming `fix`."""
     refused = {"--aspect_buckets": cfg.aspect_buckets is not None,
                "--conditioning_image_columns": bool(union_columns(cfg)),
                "--max_train_samples": cfg.max_train_samples is not None,
                f"--cache {cfg.cache}": cfg.cache in ("on", "only")}
     for option, given in refused.items():
         if given:
-            raise UserError(f"{option} with {flag} {folder} (webdataset shards, streamed): a stream has no random "
-                            "access to every sample up front; drop the option, or train from the folder layout "
-                            "(`zeroconv prepare` without --format webdataset)")
+            raise UserError(f"{option} with {where}: a stream has no random access to every sample up front; drop "
+                            f"the option, or {fix}")
+
+
+def open_shards(folder: Path, cfg, flag: str) -> ShardExamples:
+    """A folder of `zeroconv prepare --format webdataset` shards, with the options a stream cannot serve refused."""
+    refuse_for_stream(cfg, f"{flag} {folder} (webdataset shards, streamed)",
+                      "train from the folder layout (`zeroconv prepare` without --format webdataset)")
     index = read_index(folder, flag)
     return ShardExamples(index, f"webdataset shards {folder} ({len(index.shards)} shards)")
+
+
+def open_streamed_dataset(cfg) -> ShardExamples:
+    """--dataset_name X --streaming: the parquet files of X's train split as stream shards, listed and counted
+    without reading a row (zeroconv.data.datafiles)."""
+    given = Path(cfg.dataset_name).expanduser()
+    local = given.exists()
+    name = str(given.resolve()) if local else cfg.dataset_name
+    where = f"--dataset_name {name} --streaming"
+    if local and is_shard_folder(given):
+        raise UserError(f"{where}: webdataset shards, which are streamed as --train_data_dir {name} without "
+                        "--streaming")
+    if local and is_save_to_disk_folder(given):
+        raise UserError(f"{where}: a save_to_disk folder, on disk already (arrow files, whose row counts are not in "
+                        "a footer); drop --streaming")
+    if not local and looks_like_path(cfg.dataset_name):
+        raise UserError(f"--dataset_name {cfg.dataset_name}: no such folder (a hub id looks like owner/name)")
+    refuse_for_stream(cfg, where, "drop --streaming")
+    files = (([name] if name.endswith(".parquet") else []) if local and given.is_file()
+             else parquet_files(name, cfg.dataset_config_name, cfg, where))
+    if not files:
+        raise UserError(f"{where}: not a parquet file; --streaming reads parquet (row counts from its footer): "
+                        "drop --streaming")
+    counts = read_footers(files, where)
+    names = counts[0][1]
+    columns = pick_columns(cfg, {c: c for c in names}, names, where)
+    index = data_file_index(name, cfg.dataset_config_name, files, counts, columns, where)
+    return ShardExamples(index, f"datasets {name}, streamed ({len(index.shards)} parquet files)")
+
+
+def parquet_files(name: str, config_name: str | None, cfg, where: str) -> list[str]:
+    """The data files of the train split as datasets' builder resolves them (hub: `hf://datasets/...@commit/...`
+    URLs), in its order; a UserError naming the fix for any other format."""
+    import datasets
+
+    with load_errors(where):
+        builder = datasets.load_dataset_builder(name, config_name, cache_dir=cfg.cache_dir)
+    data_files = builder.config.data_files or {}
+    if builder.name != "parquet" or not data_files:
+        kind = f"{builder.name} files" if data_files else f"a {builder.name} dataset without data files"
+        raise UserError(f"{where}: {kind}; --streaming reads parquet only, whose footers give the row counts an "
+                        "epoch's length and equal steps per process need without reading the data: write webdataset "
+                        "shards (`zeroconv prepare --format webdataset`) and pass them as --train_data_dir, or drop "
+                        "--streaming")
+    if "train" not in data_files:
+        raise UserError(f"{where}: no 'train' split; splits are: {', '.join(data_files)}")
+    return [str(path) for path in data_files["train"]]
+
+
+@contextlib.contextmanager
+def load_errors(where: str):
+    """datasets' loading errors as one-line UserErrors naming the fix."""
+    import datasets
+
+    try:
+        yield
+    except ConnectionError as exc:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise UserError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set; download it once online "
+                            "(unset HF_HUB_OFFLINE) or give a local folder") from None
+        raise UserError(f"{where}: cannot reach the Hub ({exc})") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise UserError(f"{where}: no such dataset on the Hub or on disk; check the id, or pass a local folder "
+                        "(imagefolder, Fill50K, kohya or save_to_disk layout)") from None
+    except (FileNotFoundError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: cannot load it with datasets ({first_line}); supported local layouts: "
+                        "metadata.jsonl, prompt.json (Fill50K), images/ + conditioning/ (kohya), save_to_disk") from None
 
 
 def identity_of(cfg, layout: str, columns: dict) -> dict:
@@ -505,20 +576,8 @@ def open_with_load_dataset(name: str, config_name: str | None, cfg, flag: str) -
     import datasets
 
     where = f"{flag} {name}"
-    try:
+    with load_errors(where):
         dataset = datasets.load_dataset(name, config_name, cache_dir=cfg.cache_dir)
-    except ConnectionError as exc:
-        if datasets.config.HF_HUB_OFFLINE:
-            raise UserError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set; download it once online "
-                            "(unset HF_HUB_OFFLINE) or give a local folder") from None
-        raise UserError(f"{where}: cannot reach the Hub ({exc})") from None
-    except datasets.exceptions.DatasetNotFoundError:
-        raise UserError(f"{where}: no such dataset on the Hub or on disk; check the id, or pass a local folder "
-                        "(imagefolder, Fill50K, kohya or save_to_disk layout)") from None
-    except (FileNotFoundError, ValueError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{where}: cannot load it with datasets ({first_line}); supported local layouts: "
-                        "metadata.jsonl, prompt.json (Fill50K), images/ + conditioning/ (kohya), save_to_disk") from None
     return from_dataset(train_split(dataset, where), cfg, where, f"datasets {name}")
 
 

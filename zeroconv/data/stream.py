@@ -1,4 +1,9 @@
-"""Training from webdataset shards (zeroconv.data.shards) without random access: an IterableDataset that resumes.
+"""Training from shards without random access: an IterableDataset that resumes.
+
+A shard is a webdataset tar (zeroconv.data.shards.ShardIndex, `--train_data_dir`) or one parquet file of a
+`datasets` dataset (zeroconv.data.datafiles.DataFileIndex, `--dataset_name X --streaming`); both list their
+shards with known sample counts and read one shard's raw samples in order, and everything below is the same for
+both.
 
 Order of epoch e, a function of (seed, e, world size, loader workers, --shuffle_buffer) only:
 - The shards are permuted by the (seed, e) generator (zeroconv.data.order.epoch_generator, which orders a folder
@@ -15,8 +20,8 @@ Order of epoch e, a function of (seed, e, world size, loader workers, --shuffle_
   samples are the only ones seen twice in an epoch; with equal shards and shards x samples divisible by
   world_size x W x batch size there are none. The DataLoader takes one batch from each worker in turn.
 - A sample's index, which seeds its flip, crop, caption and condition draws (zeroconv.data.dataset) and its
-  noise and timestep (zeroconv.models.draws), is its global index in the shard set (shards.json): the same
-  whichever stream reads it.
+  noise and timestep (zeroconv.models.draws), is its global index in the shard set (shards.json; a parquet row's
+  position across the ordered file list): the same whichever stream reads it.
 
 Resume: a checkpoint holds the epoch and the batches each rank has consumed in it (TrainerState), the same count
 on every rank, and the stream layout (`layout()`: shard set, world size, workers, batch size, buffer), which a
@@ -37,18 +42,26 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from zeroconv.data.dataset import BadSample, ControlNetDataset, describe, epoch_rng, strict_error
 from zeroconv.data.order import epoch_generator
-from zeroconv.data.shards import Shard, ShardIndex, read_shard, sample_fields
+from zeroconv.data.shards import Shard, ShardIndex
 from zeroconv.data.sources import Example
 from zeroconv.errors import UserError
 
+if TYPE_CHECKING:
+    from zeroconv.data.datafiles import DataFileIndex
+
 logger = logging.getLogger("zeroconv.data")
+
+
+def read_shard(index: ShardIndex | DataFileIndex, shard: Shard) -> Iterator[dict]:
+    """The raw samples of one shard of `index`, in order: the one place a stream opens a shard."""
+    return index.read(shard)
 
 
 def shuffle_order(count: int, buffer: int, rng: np.random.Generator) -> list[int]:
@@ -71,7 +84,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
     """The training items of a shard set for one rank, `batch_size` x `batches_per_worker` per loader worker per
     epoch; `set_position(epoch, batches)` before each DataLoader (zeroconv.data.order.epoch_batches)."""
 
-    def __init__(self, index: ShardIndex, samples: ControlNetDataset, *, seed: int, batch_size: int, rank: int = 0,
+    def __init__(self, index: ShardIndex | DataFileIndex, samples: ControlNetDataset, *, seed: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int):
         if samples.buckets or samples.union_weights:
             raise UserError("--aspect_buckets and --conditioning_image_columns need every sample up front; train "
@@ -81,9 +94,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
         self.workers, self.shuffle_buffer = max(1, num_workers), shuffle_buffer
         streams = world_size * self.workers
         if len(index.shards) < streams:
-            raise UserError(f"--train_data_dir {index.folder}: {len(index.shards)} shards for {world_size} processes "
-                            f"x {self.workers} loader workers; each needs a shard of its own: lower "
-                            "--dataloader_num_workers, or prepare smaller shards (--shard_size)")
+            raise UserError(f"{index.where}: {len(index.shards)} {index.unit} for {world_size} processes x "
+                            f"{self.workers} loader workers; each needs one of its own: lower "
+                            f"--dataloader_num_workers, or {index.more_shards}")
         # the most samples one stream's shards can hold, whichever shards the permutation gives it
         largest = sorted((shard.samples for shard in index.shards), reverse=True)[: -(-len(index.shards) // streams)]
         self.batches_per_worker = -(-sum(largest) // batch_size)
@@ -144,7 +157,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 shard = shards[number]
                 index = shard.first_index + position - starts[number]
                 try:
-                    image, condition, caption = sample_fields(sample)
+                    image, condition, caption = self.index.fields(sample)
                     item = self.samples.item(Example(image, condition, caption, f"{shard.name} {index}"), index)
                 except (BadSample, ValueError) as exc:
                     bad = exc if isinstance(exc, BadSample) else BadSample(f"{shard.name} {index}", describe(exc))
@@ -174,7 +187,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         for number, shard in enumerate(shards):
             if not needed_in[number]:
                 continue
-            samples = read_shard(self.index.path(shard))
+            samples = read_shard(self.index, shard)
             try:
                 offset = -1
                 for offset, sample in enumerate(samples):
@@ -190,8 +203,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                     if not needed_in[number]:
                         break
                 if offset + 1 != shard.samples and needed_in[number]:
-                    raise UserError(f"--train_data_dir {self.index.folder}: {shard.name} holds {offset + 1} samples, "
-                                    f"its index says {shard.samples}; the shard is truncated, prepare it again")
+                    raise self.index.wrong_count(shard, offset + 1)
             finally:
                 close = getattr(samples, "close", None)
                 if close is not None:

@@ -62,8 +62,8 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
     from zeroconv.data.transforms import PairedTransform
 
     if isinstance(examples, ShardExamples):  # `zeroconv cache`: train streams shards through build_stream
-        raise UserError("webdataset shards are streamed and a latent cache is built from every sample up front; "
-                        "train on them with --cache auto (live), or cache a folder layout")
+        raise UserError(f"{examples.index.where}: streamed, and a latent cache is built from every sample up front; "
+                        "train on it with --cache auto (live), or cache a folder layout")
     condition_fn = None
     if cfg.condition:
         from zeroconv.data.conditions import get_extractor
@@ -85,8 +85,8 @@ def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNet
 
 
 def build_stream(cfg: TrainConfig, examples: ShardExamples, seed: int, accelerator) -> StreamDataset:
-    """The streamed dataset of webdataset shards for this rank: build_dataset's transform, draws and condition over
-    samples that come from the shards (zeroconv.data.stream)."""
+    """The streamed dataset of webdataset shards or --streaming parquet files for this rank: build_dataset's
+    transform, draws and condition over samples that come from the shards (zeroconv.data.stream)."""
     return StreamDataset(examples.index, build_dataset(cfg, [], seed), seed=seed, batch_size=cfg.train_batch_size,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          num_workers=cfg.dataloader_num_workers, shuffle_buffer=cfg.shuffle_buffer)
@@ -162,6 +162,8 @@ def cache_cannot_serve(cfg: TrainConfig) -> str | None:
         return "--conditioning_image_columns gives several conditions per image and a cache holds one"
     if is_shard_folder(cfg.train_data_dir or cfg.dataset_name):
         return "webdataset shards are streamed and a cache is built from every sample up front"
+    if cfg.streaming:
+        return "--streaming reads the dataset as it trains and a cache is built from every sample up front"
     return None
 
 
@@ -459,6 +461,8 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
 
         ema = ControlNetEMA(accelerator.unwrap_model(controlnet), cfg.ema_decay)
     identity = run_identity(cfg, base, accelerator.unwrap_model(controlnet))
+    if streamed:  # --streaming: which dataset (its files and counts are the stream layout's)
+        identity.update(checked.examples.index.identity())
     state = TrainerState()
     checkpoint = find_resume_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
     if cfg.resume_from_checkpoint == "latest" and checkpoint is None:
