@@ -1,35 +1,69 @@
-"""A streamed webdataset run trains, checkpoints, is killed, and resumes without repeating a consumed shard
-(issue 16)."""
+"""A streamed run, of webdataset shards or of a `datasets` dataset's parquet files (--streaming), trains,
+checkpoints, is killed, and resumes without repeating a consumed shard (issue 16)."""
 
 import json
 import logging
+import shutil
 import signal
 
 import pytest
 import torch
 
-from tests.data.test_stream import opened, prepare_shards, shard_log
+from tests.data.test_stream import opened, prepare_shards, shard_log, write_photos
 from tests.train.helpers import controlnet_weights, fresh_setup, losses, tiny_config, train_recording_batches
 from tests.train.test_reliability import start_trainer, wait_for
 from zeroconv.errors import UserError
 
 
+def photo_parquet(tmp_path, n: int, per_file: int):
+    """prepare_shards' photos as a `datasets` dataset of parquet files (Image features), the condition the photo's
+    grayscale: `--dataset_name <folder> --streaming`."""
+    import datasets
+    from PIL import Image
+
+    photos, out = tmp_path / "photos", tmp_path / "parquet"
+    write_photos(photos, n)
+    out.mkdir()
+    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
+                                  "text": datasets.Value("string")})
+    files = -(-n // per_file)
+    for number in range(files):
+        rows = range(number * per_file, min(n, (number + 1) * per_file))
+        images = [Image.open(photos / f"img{i:03d}.png").convert("RGB") for i in rows]
+        datasets.Dataset.from_dict({"image": images, "conditioning_image": [im.convert("L").convert("RGB")
+                                                                             for im in images],
+                                    "text": [f"photo {i}" for i in rows]}, features=features).to_parquet(
+            out / f"train-{number:05d}-of-{files:05d}.parquet")
+    return out
+
+
+# kind: (its data as tiny_config's overrides, shard n's file name, the --cache auto notice)
+def streamed_data(kind: str, tmp_path):
+    if kind == "webdataset":
+        data = prepare_shards(tmp_path, 32, 4)  # 8 shards of 4
+        return dict(train_data_dir=str(data)), lambda n: f"shard-{n:06d}.tar", "webdataset shards are streamed"
+    data = photo_parquet(tmp_path, 32, 4)  # 8 parquet files of 4 rows
+    return (dict(train_data_dir=None, dataset_name=str(data), streaming=True),
+            lambda n: f"train-{n:05d}-of-00008.parquet", "--streaming reads the dataset as it trains")
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
 def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_shards_only(
-        tiny_base, tmp_path, monkeypatch, caplog):
-    data = prepare_shards(tmp_path, 32, 4)  # 8 shards of 4
+        tiny_base, tmp_path, monkeypatch, caplog, kind):
+    source, shard_name, notice = streamed_data(kind, tmp_path)
     # 2 loader workers of 4 shards each, batch 4: 8 steps an epoch; checkpoint-4 lies mid-epoch, mid-shard
     common = dict(train_batch_size=4, dataloader_num_workers=2, shuffle_buffer=6, random_flip=True,
-                  checkpointing_steps=2, cache="auto")
+                  checkpointing_steps=2, cache="auto", **source)
     straight = tmp_path / "straight"
     with caplog.at_level(logging.WARNING, logger="zeroconv.train"):
-        reference = train_recording_batches(fresh_setup(tiny_config(tiny_base, data, straight, max_train_steps=8,
+        reference = train_recording_batches(fresh_setup(tiny_config(tiny_base, None, straight, max_train_steps=8,
                                                                     **common)))
-    assert any("webdataset shards are streamed" in r.getMessage() for r in caplog.records)  # --cache auto: off
+    assert any(notice in r.getMessage() for r in caplog.records)  # --cache auto: off
     epoch = [batch["index"].tolist() for batch in reference]
     assert sorted(i for batch in epoch for i in batch) == list(range(32))  # every sample once in the epoch
 
     out = tmp_path / "killed"
-    proc = start_trainer(tiny_config(tiny_base, data, out, max_train_steps=16, **common),
+    proc = start_trainer(tiny_config(tiny_base, None, out, max_train_steps=16, **common),
                          ZEROCONV_TEST_SLOW_CHECKPOINT="2")
     try:
         wait_for(lambda: (out / "checkpoint-4" / "COMPLETE").is_file())
@@ -42,14 +76,14 @@ def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_sh
     assert (state["epoch"], state["batches_in_epoch"]) == (0, 4) and state["stream"]["workers"] == 2
 
     log = shard_log(monkeypatch, tmp_path)
-    resumed = train_recording_batches(fresh_setup(tiny_config(tiny_base, data, out, max_train_steps=8,
+    resumed = train_recording_batches(fresh_setup(tiny_config(tiny_base, None, out, max_train_steps=8,
                                                               resume_from_checkpoint="latest", **common)))
     rest = [batch["index"].tolist() for batch in resumed]
     assert rest == epoch[4:]  # the uninterrupted run's batches 5-8, in its order
     before_kill = {i for batch in epoch[:4] for i in batch}
-    consumed = {f"shard-{n:06d}.tar" for n in range(8) if set(range(4 * n, 4 * n + 4)) <= before_kill}
+    consumed = {shard_name(n) for n in range(8) if set(range(4 * n, 4 * n + 4)) <= before_kill}
     assert consumed  # whole shards lay behind the checkpoint...
-    assert not consumed & set(opened(log))  # ...and the resumed run never opened one of them
+    assert opened(log) and not consumed & set(opened(log))  # ...and the resumed run never opened one of them
     assert sorted(before_kill | {i for batch in rest for i in batch}) == list(range(32))
     assert not before_kill & {i for batch in rest for i in batch}  # no sample of the epoch twice
 
@@ -60,8 +94,14 @@ def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_sh
     # a mid-epoch position means nothing in another layout: refused, naming what differs
     other = dict(common, dataloader_num_workers=0)
     with pytest.raises(UserError, match="another stream layout.*workers: checkpoint 2 vs now 1"):
-        fresh_setup(tiny_config(tiny_base, data, tmp_path / "other", max_train_steps=8,
+        fresh_setup(tiny_config(tiny_base, None, tmp_path / "other", max_train_steps=8,
                                 resume_from_checkpoint=str(out / "checkpoint-4"), **other))
+    if kind == "parquet":  # the same files under another dataset's name: a checkpoint resumes on its dataset only
+        copy = shutil.copytree(source["dataset_name"], tmp_path / "another")
+        with pytest.raises(UserError, match="made by a different run.*streamed_dataset"):
+            fresh_setup(tiny_config(tiny_base, None, tmp_path / "other", max_train_steps=8,
+                                    resume_from_checkpoint=str(out / "checkpoint-8"),
+                                    **dict(common, dataset_name=str(copy))))
 
 
 def test_two_processes_stream_unequal_shards_in_equal_steps(tiny_base, tmp_path):
