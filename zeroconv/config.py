@@ -306,8 +306,8 @@ class TrainConfig:
         "as training goes, never whole, each file a shard of the webdataset stream (see --train_data_dir): "
         "permuted per epoch, split across processes and loader workers, mixed in --shuffle_buffer, a sample's "
         "index its row position in the file list. Row counts come from the files' footers, so every process takes "
-        "the same steps, and a resume continues exactly, skipping the files already consumed. Parquet only (the "
-        "Hub's own format for uploaded datasets); other formats are refused. Not with --aspect_buckets, "
+        "the same steps, and a resume continues exactly, skipping the files already consumed. Parquet only (what "
+        "datasets' push_to_hub writes); other formats are refused. Not with --aspect_buckets, "
         "--conditioning_image_columns, --max_train_samples or --cache on/only.")
     train_data_dir: str | None = option(
         None, "A local folder: imagefolder layout (metadata.jsonl with file_name, conditioning_image_file_name, "

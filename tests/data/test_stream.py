@@ -347,6 +347,9 @@ def test_a_streamed_parquet_row_is_its_row_of_the_whole_dataset_through_the_colu
             value = (batch["conditioning_pixel_values"][k] * 255).round().unique().tolist()
             assert value == [i], (i, value)  # ...and image: the draws of index i are row i's
 
+    one = streamed(folder / "train-00001-of-00003.parquet", **flags).index  # a single parquet file
+    assert [(s.samples, s.first_index) for s in one.shards] == [(5, 0)]
+
     with pytest.raises(UserError, match=r"--caption_column text: no such column.*columns are: target, hint, prompt"):
         streamed(folder, image_column="target", conditioning_image_column="hint")
     # a file without a column read is named
