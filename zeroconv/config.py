@@ -378,10 +378,10 @@ class TrainConfig:
         "unconditional branch; on the demo the circle colors drifted late (accuracy 0.75 at step 800, 0.94 with 0.5).")
     dataloader_num_workers: int = option(0, "Data loader worker processes; 0 loads in the main process.")
     shuffle_buffer: int = option(
-        1000, "Streamed webdataset shards and --streaming: samples each loader worker holds (undecoded) to shuffle across shard "
-        "boundaries; each new sample takes the place of a random one, which goes to training. Larger mixes better "
-        "and costs memory (about one encoded image pair per sample) and a longer first batch; 0 or 1: shard order "
-        "only. Folder layouts are shuffled whole and ignore it.")
+        1000, "Streamed webdataset shards and --streaming: samples each loader worker holds (undecoded) to shuffle "
+        "across shard boundaries; each new sample takes the place of a random one, which goes to training. Larger "
+        "mixes better and costs memory (about one encoded image pair per sample) and a longer first batch; 0 or 1: "
+        "shard order only. Folder layouts are shuffled whole and ignore it.")
     strict_data: bool = option(False, "Stop at the first unreadable sample instead of skipping it with a warning.")
     condition: str | None = option(
         None, "Compute the conditioning image on the fly from the target image with this extractor (e.g. canny), "

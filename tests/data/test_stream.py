@@ -66,13 +66,15 @@ def tiny_parquet(folder: Path, counts: list[int], columns=("image", "conditionin
 
     folder.mkdir(parents=True, exist_ok=True)
     image, condition, caption = columns
-    features = datasets.Features({image: datasets.Image(), condition: datasets.Image(), caption: datasets.Value("string")})
+    features = datasets.Features({image: datasets.Image(), condition: datasets.Image(),
+                                  caption: datasets.Value("string")})
     first = 0
     for number, count in enumerate(counts):
         rows = range(first, first + count)
         pixels = [Image.fromarray(np.full((8, 8, 3), index % 256, np.uint8)) for index in rows]
+        name = f"train-{number:05d}-of-{len(counts):05d}.parquet"
         datasets.Dataset.from_dict({image: pixels, condition: pixels, caption: [f"sample {i}" for i in rows]},
-                                   features=features).to_parquet(folder / f"train-{number:05d}-of-{len(counts):05d}.parquet")
+                                   features=features).to_parquet(folder / name)
         first += count
     return streamed(folder, **flags).index
 
@@ -381,3 +383,28 @@ def test_streaming_refuses_what_it_cannot_count_or_serve_naming_the_fix(tmp_path
     with pytest.raises(UserError, match=r"--streaming: 2 parquet files for 2 processes x 2 loader workers.*smaller "
                                         r"parquet files"):
         stream_dataset(streamed(tmp_path / "ds").index, world_size=2, num_workers=2)
+
+
+def test_data_files_behind_a_url_are_counted_and_streamed_through_fsspec(tmp_path):
+    """Hub files are `hf://` URLs read through fsspec (HfFileSystem); fsspec's memory filesystem stands in for
+    it offline: footers counted in parallel, rows read by URL, the stream whole."""
+    import fsspec
+
+    from zeroconv.data import datafiles
+
+    local = tiny_parquet(tmp_path / "ds", [4] * 4)
+    memory = fsspec.filesystem("memory")
+    urls = []
+    for shard in local.shards:
+        url = f"memory://zeroconv-test/{Path(shard.name).name}"
+        memory.pipe(url, Path(shard.name).read_bytes())
+        urls.append(url)
+    try:
+        counts = datafiles.read_footers(urls, "--dataset_name test")
+        index = datafiles.data_file_index("owner/name", None, urls, counts, local.columns, "--dataset_name test")
+        assert [(s.samples, s.first_index) for s in index.shards] == [(4, 0), (4, 4), (4, 8), (4, 12)]
+        assert index.fingerprint() != local.fingerprint()
+        everything = [i for batch in epoch_indices(stream_dataset(index, num_workers=2), workers=2) for i in batch]
+        assert sorted(everything) == list(range(16))
+    finally:
+        memory.rm("memory://zeroconv-test", recursive=True)

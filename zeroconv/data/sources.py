@@ -351,12 +351,16 @@ def parquet_files(name: str, config_name: str | None, cfg, where: str) -> list[s
     with load_errors(where):
         builder = datasets.load_dataset_builder(name, config_name, cache_dir=cfg.cache_dir)
     data_files = builder.config.data_files or {}
-    if builder.name != "parquet" or not data_files:
-        kind = f"{builder.name} files" if data_files else f"a {builder.name} dataset without data files"
-        raise UserError(f"{where}: {kind}; --streaming reads parquet only, whose footers give the row counts an "
-                        "epoch's length and equal steps per process need without reading the data: write webdataset "
-                        "shards (`zeroconv prepare --format webdataset`) and pass them as --train_data_dir, or drop "
+    if not data_files:  # HF_HUB_OFFLINE: datasets knows a hub dataset from its cache only, without a file listing
+        offline = " (HF_HUB_OFFLINE is set, and streaming needs the hub's file listing)" \
+            if datasets.config.HF_HUB_OFFLINE else ""
+        raise UserError(f"{where}: datasets lists no data files for it{offline}; stream it online, or drop "
                         "--streaming")
+    if builder.name != "parquet":
+        raise UserError(f"{where}: {builder.name} files; --streaming reads parquet only, whose footers give the row "
+                        "counts an epoch's length and equal steps per process need without reading the data: write "
+                        "webdataset shards (`zeroconv prepare --format webdataset`) and pass them as --train_data_dir, "
+                        "or drop --streaming")
     if "train" not in data_files:
         raise UserError(f"{where}: no 'train' split; splits are: {', '.join(data_files)}")
     return [str(path) for path in data_files["train"]]

@@ -84,8 +84,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
     """The training items of a shard set for one rank, `batch_size` x `batches_per_worker` per loader worker per
     epoch; `set_position(epoch, batches)` before each DataLoader (zeroconv.data.order.epoch_batches)."""
 
-    def __init__(self, index: ShardIndex | DataFileIndex, samples: ControlNetDataset, *, seed: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, shuffle_buffer: int):
+    def __init__(self, index: ShardIndex | DataFileIndex, samples: ControlNetDataset, *, seed: int, batch_size: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int):
         if samples.buckets or samples.union_weights:
             raise UserError("--aspect_buckets and --conditioning_image_columns need every sample up front; train "
                             "them from a folder layout, not from webdataset shards")
