@@ -223,8 +223,8 @@ class StableDiffusion3:
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
                 only_mid_control: bool = False, guidance: float | None = None):
         """The frozen transformer's velocity with the ControlNet's block residuals (block_controlnet_hidden_states);
-        both read the sequence and pooled embeddings; without a `controlnet`, the transformer's alone. SD3 has no size conditioning and no guidance embedding:
-        `micro` and `guidance` are not read. (`num_double_layers`, `num_single_layers` are Flux's depths.)"""
+        both read the sequence and pooled embeddings; without a `controlnet`, the transformer's alone. SD3 has no
+        size conditioning and no guidance embedding: `micro` and `guidance` are not read. (`num_double_layers`, `num_single_layers` are Flux's depths.)"""
         if only_mid_control:
             raise UserError("--only_mid_control: an SD3 ControlNet has no middle block (its residuals go into the "
                             "transformer's joint blocks); drop the flag")
