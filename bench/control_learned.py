@@ -1,11 +1,19 @@
-"""Is control learned (issue 13)? Train a ControlNet on the toy base (SD) and on the toy base dressed as SDXL
-(zeroconv.testing.make_toy_sdxl_base: the same trained denoiser behind SDXL's two encoders, pooled embedding and
-size/crop ids) on Fill examples (a circle's outline is the condition, the prompt names its colors), then compare the
-held-out diffusion loss with the true conditions against the conditions shuffled among the samples
-(zeroconv.evaluate.heldout.conditioned_losses). Prints one JSON line per family; tests/evaluate/test_control_learned.py
-runs the same with the suite's step count.
+"""Is control learned (issues 13, 15)? Train a ControlNet on a toy base that denoises (a random one gives it
+nothing to steer) on Fill examples (a circle's outline is the condition, the prompt names its colors), then compare
+the held-out diffusion loss with the true conditions against the conditions shuffled among the samples
+(zeroconv.evaluate.heldout.conditioned_losses). The families:
+
+- sd: the shipped toy base; sdxl: the same denoiser dressed as SDXL (zeroconv.testing.make_toy_sdxl_base);
+- sd3, flux: toy SD3 and Flux bases, the toy VAE and CLIP behind a small transformer trained here with flow
+  matching (zeroconv.models.toy_flow; built into --work once, about 12-15 minutes each on one CPU thread);
+- flux-union: a Flux union ControlNet of two condition types, the outline (control mode 0) and the filled circle
+  (mode 1), measured per type: every held-out sample given that type, true against shuffled conditions of it.
+
+Prints one JSON line per family and step count; tests/evaluate/test_control_learned.py runs sd and sdxl with the
+suite's step count.
 
     PYTHONPATH=. python bench/control_learned.py --steps 100 200
+    PYTHONPATH=. python bench/control_learned.py --families sd3 flux flux-union --steps 600
 """
 
 from __future__ import annotations
