@@ -238,28 +238,6 @@ def write_sdxl_single_file(base_dir: str | Path, path: str | Path) -> Path:
                         {"format": "pt"})
 
 
-def write_t5_tokenizer(out_dir: str | Path, words: list[str] = TINY_WORDS):
-    """A T5TokenizerFast generated offline: a unigram model whose pieces are "▁word" for `words`, "▁", and
-    single characters (so any lowercase text tokenizes), ids pad 0, </s> 1, <unk> 2 as T5's; the tokenizer appends
-    </s> as T5's does. Saved as tokenizer.json (no sentencepiece model needed)."""
-    from string import ascii_lowercase, digits
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
-    pieces += [("▁", -2.0)] + [(c, -5.0) for c in ascii_lowercase + digits + ".,"]
-    model = Tokenizer(models.Unigram(pieces, unk_id=2))
-    model.pre_tokenizer = pre_tokenizers.Metaspace()
-    model.decoder = decoders.Metaspace()
-    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                         special_tokens=[("</s>", 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                extra_ids=0)
-    tokenizer.save_pretrained(out_dir)
-    return T5TokenizerFast.from_pretrained(out_dir)
-
-
 def tiny_sd3_vae():
     """SD3's VAE shape, narrow: 16 latent channels, no quant convs, SD3's shift and scale, 8x downsampling."""
     from diffusers import AutoencoderKL
@@ -289,7 +267,7 @@ def make_tiny_sd3_base(out_dir: str | Path, t5: bool = True, seed: int = 0) -> P
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     from transformers import T5Config, T5EncoderModel
 
-    from zeroconv.models.tokenizer import write_clip_tokenizer
+    from zeroconv.models.tokenizer import write_clip_tokenizer, write_t5_tokenizer
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -298,7 +276,7 @@ def make_tiny_sd3_base(out_dir: str | Path, t5: bool = True, seed: int = 0) -> P
     ids = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     tokenizer_3 = text_encoder_3 = None
     if t5:
-        tokenizer_3 = write_t5_tokenizer(out_dir / "tokenizer_3")
+        tokenizer_3 = write_t5_tokenizer(out_dir / "tokenizer_3", TINY_WORDS)
         text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=128, d_kv=16,
                                                  num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
@@ -335,12 +313,12 @@ def make_tiny_flux_base(out_dir: str | Path, guidance_embeds: bool = False, seed
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import T5Config, T5EncoderModel
 
-    from zeroconv.models.tokenizer import write_clip_tokenizer
+    from zeroconv.models.tokenizer import write_clip_tokenizer, write_t5_tokenizer
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(out_dir / "tokenizer", TINY_WORDS)
-    tokenizer_2 = write_t5_tokenizer(out_dir / "tokenizer_2")
+    tokenizer_2 = write_t5_tokenizer(out_dir / "tokenizer_2", TINY_WORDS)
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=64, d_ff=128, d_kv=16,
                                              num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))

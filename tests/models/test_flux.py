@@ -75,6 +75,8 @@ def test_untrained_controlnet_leaves_the_transformer_bit_identical(base, request
                           img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
                           guidance=guidance, return_dict=False)[0]
         assert torch.equal(joined, unpack(alone, 8, 8))
+        # no ControlNet: the transformer alone (how zeroconv.models.toy_flow pretrains one)
+        assert torch.equal(family.denoise(base.unet, None, x, t, prompts, None, guidance=3.5), joined)
         if guidance is not None:  # the guidance embedding is read: another value, another prediction
             assert not torch.equal(family.denoise(base.unet, controlnet, x, t, prompts, cond, guidance=1.0), joined)
 

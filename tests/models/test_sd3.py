@@ -81,6 +81,8 @@ def test_untrained_controlnet_leaves_the_transformer_output_bit_identical(sd3):
                                encoder_hidden_states=prompts["prompt_embeds"],
                                pooled_projections=prompts["pooled_prompt_embeds"], return_dict=False)[0]
     assert torch.equal(joined, alone)
+    with torch.no_grad():  # no ControlNet: the transformer alone (how zeroconv.models.toy_flow pretrains one)
+        assert torch.equal(family.denoise(sd3.unet, None, noisy, timesteps, prompts, None), alone)
     assert len(residuals) == 1 and all(torch.equal(r, torch.zeros_like(r)) for r in residuals)
     with torch.no_grad():  # a trained one does reach the transformer
         controlnet.controlnet_blocks[0].weight.normal_()

@@ -3,6 +3,7 @@
 The tiny test bases and the toy base need a real `CLIPTokenizer` (the pipelines and the training code use it
 exactly as they use SD's) without downloading `openai/clip-vit-large-patch14`. Every byte has a token, so any
 text tokenizes; the words passed in become single tokens through a chain of merges (r+e, re+d</w>, ...).
+`write_t5_tokenizer` does the same for the T5 tokenizer of the SD3 and Flux bases.
 """
 
 from __future__ import annotations
@@ -63,3 +64,25 @@ def write_clip_tokenizer(out_dir: str | Path, words: list[str] = (), model_max_l
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
     return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def write_t5_tokenizer(out_dir: str | Path, words: list[str]):
+    """A T5TokenizerFast generated offline: a unigram model whose pieces are "▁word" for `words`, "▁", and
+    single characters (so any lowercase text tokenizes), ids pad 0, </s> 1, <unk> 2 as T5's; the tokenizer appends
+    </s> as T5's does. Saved as tokenizer.json (no sentencepiece model needed)."""
+    from string import ascii_lowercase, digits
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    pieces += [("▁", -2.0)] + [(c, -5.0) for c in ascii_lowercase + digits + ".,"]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(out_dir)
+    return T5TokenizerFast.from_pretrained(out_dir)

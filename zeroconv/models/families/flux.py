@@ -191,7 +191,8 @@ class Flux(StableDiffusion3):
         """The frozen transformer's velocity with the ControlNet's double- and single-block residuals, as the
         script's step: both read the packed latents, the image ids of the h/2 x w/2 patch grid, zero text ids,
         the timestep / 1000, and, when the base has a guidance embedding, `guidance` (--guidance_scale, 3.5 by
-        default). The prediction comes back unpacked to the latents' shape. `micro` is not read."""
+        default); without a `controlnet`, the transformer's alone. The prediction comes back unpacked to the
+        latents' shape. `micro` is not read."""
         if only_mid_control:
             raise UserError("--only_mid_control: a Flux ControlNet has no middle block (its residuals go into the "
                             "transformer's blocks); drop the flag")
@@ -208,7 +209,9 @@ class Flux(StableDiffusion3):
                                 dtype=dtype) if getattr(unet, "module", unet).config.guidance_embeds else None)
         # a union ControlNet: each sample's type as the pipeline's control_mode, [B, 1]
         mode = {} if control_types is None else {"controlnet_mode": given_type(control_types).to(noisy.device)[:, None]}
-        double, single = controlnet(controlnet_cond=pack(condition).to(dtype), return_dict=False, **mode, **inputs)
+        double = single = None  # controlnet None: the base alone (zeroconv.models.toy_flow pretrains it so)
+        if controlnet is not None:
+            double, single = controlnet(controlnet_cond=pack(condition).to(dtype), return_dict=False, **mode, **inputs)
         packed = unet(controlnet_block_samples=None if double is None else [r.to(dtype) for r in double],
                       controlnet_single_block_samples=None if single is None else [r.to(dtype) for r in single],
                       return_dict=False, **inputs)[0]

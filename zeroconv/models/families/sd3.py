@@ -223,17 +223,20 @@ class StableDiffusion3:
     def denoise(self, unet, controlnet, noisy, timesteps, prompts, condition, micro=None,
                 only_mid_control: bool = False, guidance: float | None = None):
         """The frozen transformer's velocity with the ControlNet's block residuals (block_controlnet_hidden_states);
-        both read the sequence and pooled embeddings. SD3 has no size conditioning and no guidance embedding:
-        `micro` and `guidance` are not read. (`num_double_layers`, `num_single_layers` are Flux's depths.)"""
+        both read the sequence and pooled embeddings; without a `controlnet`, the transformer's alone. SD3 has no
+        size conditioning and no guidance embedding: `micro` and `guidance` are not read. (`num_double_layers`, `num_single_layers` are Flux's depths.)"""
         if only_mid_control:
             raise UserError("--only_mid_control: an SD3 ControlNet has no middle block (its residuals go into the "
                             "transformer's joint blocks); drop the flag")
         text, pooled = prompts["prompt_embeds"], prompts["pooled_prompt_embeds"]
-        residuals = controlnet(hidden_states=noisy, controlnet_cond=condition, encoder_hidden_states=text,
-                               pooled_projections=pooled, timestep=timesteps, return_dict=False)[0]
         dtype = input_dtype(unet, noisy)
+        residuals = None  # controlnet None: the base alone (zeroconv.models.toy_flow pretrains it so)
+        if controlnet is not None:
+            residuals = [r.to(dtype) for r in controlnet(
+                hidden_states=noisy, controlnet_cond=condition, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=timesteps, return_dict=False)[0]]
         return unet(hidden_states=noisy.to(dtype), timestep=timesteps, encoder_hidden_states=text.to(dtype),
-                    pooled_projections=pooled.to(dtype), block_controlnet_hidden_states=[r.to(dtype) for r in residuals],
+                    pooled_projections=pooled.to(dtype), block_controlnet_hidden_states=residuals,
                     return_dict=False)[0]
 
     # --- sampling and export --------------------------------------------------------------------------------
