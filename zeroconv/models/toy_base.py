@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroconv.config import option, parse
+from zeroconv.durable import fsync_dir, fsync_tree
 from zeroconv.errors import UserError
 
 TOY_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy_base"
@@ -340,22 +341,6 @@ def check_same_run(saved: dict, cfg: ToyBaseConfig, what: str) -> None:
                         "to continue it, or give a new --out to start another run")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out: Path, step: int, *, vae, unet, text_encoder, generator: torch.Generator,
                     cfg: ToyBaseConfig, progress: dict, optimizer=None, schedule=None, average=None) -> Path:
     """Write DIR/.progress/step-{step} atomically, then delete the older ones.
@@ -382,11 +367,11 @@ def save_checkpoint(out: Path, step: int, *, vae, unet, text_encoder, generator:
     state = {**progress, "step": step, "threads": torch.get_num_threads(), "options": run_options(cfg)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     (tmp / COMPLETE).write_text(f"step {step}\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # only if a run re-saves a step it already saved; never the case in one run
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in complete_checkpoints(out)[:-1]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob(".tmp-*"):  # of saves killed midway, by this run's earlier sittings
@@ -436,7 +421,7 @@ def finish_progress(out: Path, cfg: ToyBaseConfig, progress: dict) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, root / FINISHED)
-    _fsync_dir(root)
+    fsync_dir(root)
     for leftover in [*root.glob(".tmp-*"), *root.glob("step-*")]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)

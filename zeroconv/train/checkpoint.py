@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zeroconv.durable import fsync_dir, fsync_tree
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.train")
@@ -71,22 +72,6 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
         if match and (child / COMPLETE).is_file():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -184,11 +169,11 @@ def _put_in_place(tmp: Path, output_dir: str | Path, step: int, total_limit: int
     final = output_dir / f"checkpoint-{step}"
     _fault_injection_pause()
     (tmp / COMPLETE).write_text(f"step {step} saved {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     if total_limit is not None:
         prune_checkpoints(output_dir, total_limit)
     return final
