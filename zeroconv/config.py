@@ -397,6 +397,10 @@ class TrainConfig:
     latent_cache_dir: str | None = option(
         None, "Where --cache keeps its caches, one folder per (dataset, base, resolution, transforms) key "
         "(default: $XDG_CACHE_HOME/zeroconv/latents, i.e. ~/.cache/zeroconv/latents).")
+    dataset_preprocess_batch_size: int | None = option(
+        None, "train_controlnet_sd3.py's flag: captions encoded this many at a time when the latent cache is built "
+        "(the script's precomputed embeddings; its default is 1000, faster on a GPU). Default: --train_batch_size, the "
+        "batch live encoding uses, which keeps cached and live embeddings bit-identical on the CPU.")
     # --- optimisation ------------------------------------------------------------------------------------------
     train_batch_size: int = option(4, "Batch size per device.")
     num_train_epochs: int = option(1, "Epochs to train; ignored when --max_train_steps is set.")
@@ -537,6 +541,9 @@ def check_train_config(cfg: TrainConfig) -> list[tuple[str, str]]:
     if cfg.resolution < 8 or cfg.resolution % 8:
         raise UserError(f"--resolution {cfg.resolution}: must be a positive multiple of 8 (the VAE's latent grid); "
                         f"try {max(8, cfg.resolution // 8 * 8)}")
+    if cfg.dataset_preprocess_batch_size is not None and cfg.dataset_preprocess_batch_size < 1:
+        raise UserError(f"--dataset_preprocess_batch_size {cfg.dataset_preprocess_batch_size}: must be at least 1, or "
+                        "unset for --train_batch_size")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
                  "logging_steps", "max_nonfinite_steps", "ddp_timeout"):
         if getattr(cfg, flag) < 1:

@@ -221,3 +221,20 @@ def test_two_runs_building_the_same_cache_at_once_both_succeed(tiny_base, tiny_d
     assert not list(root.glob("*.partial"))
     logs = "".join(err for _, err in outputs)
     assert logs.count("latent cache: building") == 1  # the other waited and reused it
+
+
+def test_the_cache_encodes_captions_dataset_preprocess_batch_size_at_a_time():
+    from zeroconv.data.cache import Encoders
+
+    calls = []
+
+    def encode(captions):
+        calls.append(len(captions))
+        return {"hidden": torch.zeros(len(captions), 2)}
+
+    captions = [f"caption {i}" for i in range(7)]
+    for prompt_batch_size, expected in ((None, [2, 2, 2, 1]), (3, [3, 3, 1])):
+        calls.clear()
+        encoders = Encoders(None, encode, {"hidden": (2,)}, torch.device("cpu"), torch.float32, 2,
+                            prompt_batch_size=prompt_batch_size)
+        assert encoders.prompts(captions)["hidden"].shape == (7, 2) and calls == expected

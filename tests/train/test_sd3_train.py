@@ -21,6 +21,7 @@ SD3_SCRIPT_FLAGS = (
     "--checkpointing_steps=2 --seed=7 --lr_scheduler=constant --lr_warmup_steps=0 --mixed_precision=no "
     "--weighting_scheme=logit_normal --logit_mean=0.0 --logit_std=1.0 --mode_scale=1.29 --precondition_outputs=1 "
     "--max_sequence_length=77 --num_extra_conditioning_channels=0 --proportion_empty_prompts=0.5 --upcast_vae "
+    "--dataset_preprocess_batch_size=1000 "
     "--validation_prompt='a red square' --validation_image={condition} --num_validation_images=1 "
     "--validation_steps=4 --report_to=none --num_layers=1 --validation_inference_steps=2 --latent_cache_dir={cache} "
     "--logging_steps=1"

@@ -279,6 +279,7 @@ class Encoders:
     device: torch.device
     dtype: torch.dtype
     batch_size: int
+    prompt_batch_size: int | None = None  # --dataset_preprocess_batch_size; None: batch_size
 
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,8 +293,9 @@ class Encoders:
     @torch.no_grad()
     def prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, list] = {}
-        for start in range(0, len(captions), self.batch_size):
-            for name, value in self.encode_prompts(captions[start:start + self.batch_size]).items():
+        size = self.prompt_batch_size or self.batch_size
+        for start in range(0, len(captions), size):
+            for name, value in self.encode_prompts(captions[start:start + size]).items():
                 out.setdefault(name, []).append(value.to(self.dtype).cpu())
         return {name: torch.cat(values) for name, values in out.items()}
 

@@ -145,7 +145,7 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
         return base.family.encode_prompts(base, captions, device)
 
     encoders = cache.Encoders(base.vae, encode_prompts, base.family.prompt_shape(base), device, dtype,
-                              cfg.train_batch_size)
+                              cfg.train_batch_size, prompt_batch_size=cfg.dataset_preprocess_batch_size)
     return cache.open_or_build(cfg.latent_cache_dir or cache.default_cache_root(), identity, dataset, encoders,
                                flipped=cfg.random_flip, strict_data=cfg.strict_data,
                                num_workers=cfg.dataloader_num_workers)
