@@ -89,10 +89,6 @@ class DataFileIndex:
                    "--format webdataset --shard_size`)")
 
     @property
-    def samples(self) -> int:
-        return sum(shard.samples for shard in self.shards)
-
-    @property
     def where(self) -> str:
         return f"--dataset_name {self.dataset} --streaming"
 

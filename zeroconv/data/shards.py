@@ -45,7 +45,7 @@ class Shard:
 class ShardIndex:
     """A webdataset shard set, as zeroconv.data.stream reads it. A stream's source is any object with these
     members (zeroconv.data.datafiles.DataFileIndex is the other: the parquet files of a `datasets` dataset):
-    `shards`, `samples`, `where` (the flag and location, for messages), `unit` and `more_shards` (what a shard is
+    `shards`, `where` (the flag and location, for messages), `unit` and `more_shards` (what a shard is
     called and how to get more), `read(shard)` (its raw samples, in order), `fields(sample)` ((image, conditioning
     image or None, caption); ValueError if it lacks one), `wrong_count(shard, found)` (the error for a shard that
     holds another number of samples than listed), `fingerprint()` and `identity()` (what a resume must match)."""
@@ -55,10 +55,6 @@ class ShardIndex:
 
     unit = "shards"
     more_shards = "prepare smaller shards (--shard_size)"
-
-    @property
-    def samples(self) -> int:
-        return sum(shard.samples for shard in self.shards)
 
     @property
     def where(self) -> str:

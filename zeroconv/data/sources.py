@@ -286,7 +286,7 @@ class ShardExamples(Examples):
         self.index, self.description = index, description
 
     def __len__(self) -> int:
-        return self.index.samples
+        return sum(shard.samples for shard in self.index.shards)
 
     def __getitem__(self, index: int) -> Example:
         raise TypeError(f"{self.description} is streamed (zeroconv.data.stream): no random access")
