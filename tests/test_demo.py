@@ -37,3 +37,14 @@ def test_quick_demo_writes_scores_grid_and_curve_that_eval_recomputes(tmp_path, 
     means = score_samples(read_samples(out / "samples.jsonl"))
     assert abs(means["base"]["fill_iou"] - summary["baseline"]["fill_iou"]) < 1e-9
     assert abs(means["controlnet-step-000004"]["fill_iou"] - summary["history"][-1]["fill_iou"]) < 1e-9
+
+
+def test_train_flags_cannot_move_what_the_demo_sets(tmp_path):
+    import pytest
+
+    from zeroconv.demo import main
+    from zeroconv.errors import UserError
+
+    with pytest.raises(UserError, match="--max_train_steps is the demo's to set; use the demo's own --max_train_steps"):
+        main(["--output_dir", str(tmp_path / "demo"), "--train_flags", "--max_train_steps 5"])
+    assert not (tmp_path / "demo").exists()  # refused before any data is written

@@ -67,6 +67,10 @@ class DemoConfig:
         3.0, "Classifier-free guidance scale of every sample. The toy base draws its prompted colors best at 3-5; at "
         "7.5 they oversaturate (circle color accuracy 0.94 at 3, 0.81 at 7.5 on 32 held-out prompts).")
     grid_rows: int = option(6, "Held-out examples shown in grid.png.")
+    train_flags: str = option(
+        "", "More `zeroconv train` flags for the ControlNet's training, as one string, applied over the demo's own "
+        "(e.g. '--timestep_sampling cubic --use_ema'): how bench/recipe.py measures each option on the demo. The "
+        "base, data and output folders are the demo's.", metavar="FLAGS")
 
     def shrink_for_quick(self) -> None:
         self.train_examples, self.held_out, self.max_train_steps, self.train_batch_size = 8, 2, 4, 2
@@ -232,10 +236,31 @@ def format_table(baseline: dict, history: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_config(cfg: DemoConfig, data: Path, out: Path):
-    from zeroconv.config import TrainConfig
+# TrainConfig fields the demo sets from its own options (their demo flag) or itself (None): not --train_flags'
+DEMO_OWNED = {"pretrained_model_name_or_path": "base", "train_data_dir": None, "output_dir": "output_dir",
+              "latent_cache_dir": "output_dir", "validation_baseline": None, "resolution": "resolution",
+              "train_batch_size": "train_batch_size", "max_train_steps": "max_train_steps",
+              "learning_rate": "learning_rate", "lr_warmup_steps": "lr_warmup_steps", "seed": "seed",
+              "proportion_empty_prompts": "proportion_empty_prompts", "validation_steps": "validation_steps",
+              "validation_inference_steps": "inference_steps", "validation_guidance_scale": "guidance_scale",
+              "condition_encoder_init": "condition_encoder_init", "cache": "cache"}
 
-    return TrainConfig(
+
+def train_config(cfg: DemoConfig, data: Path, out: Path):
+    """The TrainConfig of the demo's ControlNet: the demo's settings, then --train_flags over them."""
+    import dataclasses
+    import shlex
+
+    from zeroconv.config import TrainConfig, build_parser, check_train_config
+
+    parser = build_parser(TrainConfig, prog="zeroconv demo --train_flags")
+    given = vars(parser.parse_args(shlex.split(cfg.train_flags)))  # only the flags given (their default: unset)
+    given.pop("config", None)
+    for name in sorted(set(given) & set(DEMO_OWNED)):
+        own = DEMO_OWNED[name]
+        raise UserError(f"--train_flags: --{name} is the demo's to set" +
+                        (f"; use the demo's own --{own}" if own else ""))
+    demo = TrainConfig(
         pretrained_model_name_or_path=cfg.base, train_data_dir=str(data), output_dir=str(out / "controlnet"),
         resolution=cfg.resolution, train_batch_size=cfg.train_batch_size, max_train_steps=cfg.max_train_steps,
         learning_rate=cfg.learning_rate, lr_warmup_steps=cfg.lr_warmup_steps, lr_scheduler="constant_with_warmup",
@@ -245,6 +270,9 @@ def train_config(cfg: DemoConfig, data: Path, out: Path):
         validation_guidance_scale=cfg.guidance_scale, report_to="none", logging_steps=max(1, cfg.validation_steps // 4),
         condition_encoder_init=cfg.condition_encoder_init, cache=cfg.cache, latent_cache_dir=str(out / "cache"),
         validation_baseline=False)  # the demo samples the base alone itself (its own pipeline, no ControlNet)
+    training = dataclasses.replace(demo, **given)
+    check_train_config(training)
+    return training
 
 
 def write_progress(out: Path, baseline: dict, history: list[dict]) -> None:
@@ -268,14 +296,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     out = Path(cfg.output_dir)
+    training = train_config(cfg, out / "data" / "train", out)  # --train_flags checked before minutes of data writing
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log = print
 
     log(f"[1/4] writing {cfg.train_examples} training and {cfg.held_out} held-out Fill examples "
         f"({cfg.resolution} px) to {out / 'data'}")
-    train_data = write_fill(out / "data" / "train", cfg.train_examples, cfg.resolution, cfg.seed, "distinct",
-                            overwrite=True, progress=not cfg.quick)
+    write_fill(training.train_data_dir, cfg.train_examples, cfg.resolution, cfg.seed, "distinct", overwrite=True,
+               progress=not cfg.quick)
     # a different seed: held-out outlines and prompts are not training examples
     held_out = HeldOut.read(write_fill(out / "data" / "held_out", cfg.held_out, cfg.resolution, cfg.seed + 1_000_003,
                                        "distinct", workers=1, overwrite=True, progress=False))
@@ -302,7 +331,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         return {f"heldout/{k}": v for k, v in scores.items()}
 
     train_start = time.perf_counter()
-    code = train(train_config(cfg, train_data, out), evaluator=evaluator)
+    code = train(training, evaluator=evaluator)
     train_seconds = time.perf_counter() - train_start
     if code != 0:
         raise SystemExit(code)
