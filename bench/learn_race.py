@@ -17,7 +17,10 @@ gives the mean, the spread (min-max), each seed's figure, and the first scored s
 from each sample, zeroconv.evaluate.controllability) with the held-out prompt and with an empty prompt: the case
 the paper's 50% prompt dropout is meant for.
 
---variant NAME="FLAGS" adds a zeroconv run with extra flags (e.g. prompts="--proportion_empty_prompts 0.5").
+--variant NAME="FLAGS" adds a zeroconv run with extra flags (e.g. prompts="--proportion_empty_prompts 0.5"); a
+variant with --condition_encoder_init X starts from `zeroconv init --condition_encoder_init X` of the same seed
+(own="--condition_encoder_init unit_variance": the ControlNet zeroconv builds by default, what a user who switches
+gets, against the peer's from_unet start).
 Runs already finished in --work are reused, so an interrupted race continues where it stopped. The peer runs
 as published (bench/peer_env only supplies the torchvision pieces it imports); nothing of it is in this repo.
 """
@@ -105,13 +108,25 @@ def held_out_set(task: str, held: Path):
 TASKS = {"fill": ("fill", "fill_iou", False), "canny": ("canny", "edge_f1", True)}
 
 
-def write_init(work: Path, seed: int) -> Path:
-    init = work / f"init-{seed}"
+def write_init(work: Path, seed: int, condition_encoder_init: str = "paper") -> Path:
+    """The starting ControlNet of seed `seed`: by default the paper's init, as the peer builds its own ControlNet
+    (from_unet), so that the race compares training only; a variant that names another --condition_encoder_init
+    starts from that one (the same UNet copy, another condition encoder)."""
+    init = work / (f"init-{seed}" if condition_encoder_init == "paper" else f"init-{condition_encoder_init}-{seed}")
     if not (init / "config.json").is_file():
-        # the paper's init, as the peer builds its own ControlNet (from_unet): the race compares training only
         subprocess.run([sys.executable, "-m", "zeroconv", "init", "--base", "toy", "--out", str(init), "--seed",
-                        str(seed), "--condition_encoder_init", "paper"], check=True, capture_output=True)
+                        str(seed), "--condition_encoder_init", condition_encoder_init], check=True,
+                       capture_output=True)
     return init
+
+
+def split_init(flags: list[str]) -> tuple[list[str], str]:
+    """A variant's flags less its --condition_encoder_init (which `zeroconv train` ignores when it is given a
+    ControlNet to start from), and that init: the variant's starting ControlNet is written with it."""
+    if "--condition_encoder_init" not in flags:
+        return flags, "paper"
+    at = flags.index("--condition_encoder_init")
+    return flags[:at] + flags[at + 2:], flags[at + 1]
 
 
 def train_command(program: str, peer: str, flags: list[str]) -> list[str]:
@@ -298,13 +313,14 @@ def main() -> None:
     walls: dict[str, list[float]] = {}
     runs = []  # (label, seed, command, out), alternating who goes first: the machine drifts
     for k, seed in enumerate(args.seeds):
-        init = write_init(work, seed)
-        common = ["--pretrained_model_name_or_path", toy_base(), "--controlnet_model_name_or_path", str(init),
-                  "--train_data_dir", str(data), *shlex.split(args.flags), "--max_train_steps", str(last),
+        common = ["--pretrained_model_name_or_path", toy_base(), "--train_data_dir", str(data),
+                  *shlex.split(args.flags), "--max_train_steps", str(last),
                   "--checkpointing_steps", str(min(args.score_steps)), "--seed", str(seed)]
         for label, program, extra in (programs if k % 2 == 0 else programs[::-1]):
             out = work / f"{label.replace(' ', '-')}-seed{seed}"
-            flags = [*common, *extra, "--output_dir", str(out)]
+            extra, init = split_init(extra)
+            flags = [*common[:2], "--controlnet_model_name_or_path", str(write_init(work, seed, init)), *common[2:],
+                     *extra, "--output_dir", str(out)]
             if program == "zeroconv":
                 out = zeroconv_run_folder(work, out, flags, last)
             runs.append((label, seed, train_command(program, args.peer, flags), out))
