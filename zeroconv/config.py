@@ -460,13 +460,26 @@ class TrainConfig:
     consistency_loss_weight: float = option(
         0.0, "Weight of ControlNet++'s consistency reward (0: off): the condition re-extracted, with gradients, from "
         "the one-step image of lightly noised samples, against the condition given. For the conditions with a "
-        "differentiable extractor (canny, scribble, softedge, lineart, grayscale). Costs a VAE decode with backward "
-        "for those samples.")
+        "differentiable extractor: canny, scribble, softedge, lineart (one soft-edge operator), grayscale, blur (a "
+        "fixed sigma), inpaint (the known pixels; masked or rgba output), depth and segmentation (the frozen "
+        "depth / segmentation model of `zeroconv prepare`, loaded in the weight dtype on the training device; "
+        "segmentation's loss is cross entropy, the others' MSE); see --consistency_condition_options. Costs a VAE "
+        "decode with backward for those samples, and a forward and backward through the model for depth and "
+        "segmentation.")
     consistency_max_timestep: int = option(
         200, "Only samples at timesteps up to this take part in the consistency reward (ControlNet++: 200 of 1000).")
     consistency_condition: str | None = option(
-        None, "The condition the consistency reward re-extracts (default: --condition). For Fill-style outlines: "
-        "canny.")
+        None, "The condition the consistency reward re-extracts (default: --condition): canny, scribble, softedge, "
+        "lineart, grayscale, blur, inpaint, depth or segmentation. For Fill-style outlines: canny.")
+    consistency_condition_options: list[str] = option(
+        [], "KEY=VALUE options of the consistency reward's condition, the keys of its `zeroconv prepare` extractor "
+        "(--condition_options) that the re-extraction reads; give the values the conditions were made with. blur: "
+        "sigma=4.0 (pixels of the training images; sigma_max, a random strength, is refused: it cannot be "
+        "re-extracted). inpaint: output=masked (the hole read as the pixels of color fill, an approximation) or "
+        "rgba (the hole from the alpha: --conditioning_channels 4); output=mask is refused; fill=0. depth: "
+        "model=Intel/dpt-hybrid-midas; segmentation: model=nvidia/segformer-b0-finetuned-ade-512-512 (a hub id "
+        "or a local folder with its image processor). The edge conditions and grayscale take none.",
+        metavar="KEY=VALUE")
     use_ema: bool = option(
         False, "Keep an exponential moving average of the ControlNet's weights; validation samples it and output_dir "
         "gets it at the end (the trained weights go to output_dir/without_ema; checkpoints hold both). Its decay "

@@ -54,7 +54,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from zeroconv.config import option, parse, to_dict
 from zeroconv.data.captions import (CAPTION_SOURCES, CaptionLookup, check_template, empty_captions_notice,
                                     fill_template, read_caption_file, text_source)
-from zeroconv.data.conditions import EXTRACTORS, BadInput, get_extractor
+from zeroconv.data.conditions import EXTRACTORS, BadInput, get_extractor, parse_options
 from zeroconv.data.shards import DEFAULT_SHARD_SIZE
 from zeroconv.data.transforms import normalize
 from zeroconv.errors import UserError
@@ -307,12 +307,7 @@ def is_done(record: dict | None, root: Path) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_condition_options(cfg: PrepareConfig) -> dict:
-    options = {}
-    for item in cfg.condition_options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--condition_options {item!r}: expected KEY=VALUE, e.g. low=50")
-        options[key.strip()] = value.strip()
+    options = parse_options(cfg.condition_options, "--condition_options")
     if cfg.device and cfg.condition in ("depth", "segmentation"):
         options.setdefault("device", cfg.device)
     return options

@@ -5,15 +5,29 @@ image and the condition given) to the diffusion loss.
 Only lightly noised samples take part (t <= --consistency_max_timestep, 200 of 1000 as the paper): there the
 one-step estimate of the clean latents is sharp enough to decode into an image whose condition means something.
 Their estimate goes through the frozen VAE decoder and a differentiable extractor
-(zeroconv.data.conditions.differentiable), so the gradient reaches the ControlNet through the frozen UNet and
-VAE, which stay frozen. The term is a mean over the whole batch (samples above the threshold count zero), so its
-scale does not depend on how many samples were light. Selecting those samples reads the timesteps back: one
-host sync a step, only when the reward is on.
+(zeroconv.data.conditions.differentiable; for depth and segmentation a frozen model, loaded once in set-up), so
+the gradient reaches the ControlNet through the frozen UNet, VAE and model, which stay frozen. The term is a mean
+over the whole batch (samples above the threshold count zero), so its scale does not depend on how many samples
+were light. Selecting those samples reads the timesteps back: one host sync a step, only when the reward is on.
 """
 
 from __future__ import annotations
 
 import torch
+
+from zeroconv.config import TrainConfig
+
+
+def check_consistency(cfg: TrainConfig):
+    """The reward's distance builder, (device, dtype) -> distance, for --consistency_condition (or --condition)
+    and --consistency_condition_options; checks them without loading a model (preflight) and is called by set-up
+    to load it, on the training device in the weight dtype."""
+    from zeroconv.data.conditions import parse_options
+    from zeroconv.data.conditions.differentiable import OPTIONS_FLAG, check_differentiable
+
+    options = parse_options(cfg.consistency_condition_options, OPTIONS_FLAG)
+    return check_differentiable(cfg.consistency_condition or cfg.condition, options,
+                                channels=cfg.conditioning_channels)
 
 
 class ConsistencyReward:

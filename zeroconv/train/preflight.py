@@ -97,9 +97,9 @@ def preflight(cfg: TrainConfig) -> Checked:
     if cfg.validation_metric:
         get_metric(cfg.validation_metric)
     if cfg.consistency_loss_weight > 0:
-        from zeroconv.data.conditions.differentiable import check_differentiable
+        from zeroconv.train.consistency import check_consistency
 
-        check_differentiable(cfg.consistency_condition or cfg.condition)
+        check_consistency(cfg)  # names and options; a depth or segmentation model loads in set-up
     examples = open_examples(cfg)
     check_output_dir(cfg.output_dir)
     check_optional_packages(cfg)

@@ -450,10 +450,10 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
 
     consistency = None
     if cfg.consistency_loss_weight > 0:
-        from zeroconv.data.conditions.differentiable import check_differentiable
-        from zeroconv.train.consistency import ConsistencyReward
+        from zeroconv.train.consistency import ConsistencyReward, check_consistency
 
-        consistency = ConsistencyReward(check_differentiable(cfg.consistency_condition or cfg.condition),
+        # a depth or segmentation model: frozen, beside the frozen base on the device and in its dtype
+        consistency = ConsistencyReward(check_consistency(cfg)(accelerator.device, dtype),
                                         cfg.consistency_loss_weight, cfg.consistency_max_timestep)
     ema = None
     if cfg.use_ema:  # from the starting weights; a resume overwrites it with the checkpoint's average

@@ -106,8 +106,20 @@ def get_extractor(name: str, seed: int = 0, **options) -> Extractor:
         raise UserError(f"--condition {name}: {exc}") from None
 
 
-def coerce_option(name: str, key: str, value, default):
-    """Command-line option text to the type of the option's default ('150' -> 150 where the default is an int)."""
+def parse_options(items: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE words of a command line (`flag`'s values) as a dict of text; a word without '=' is a UserError."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE, e.g. low=50")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def coerce_option(name: str, key: str, value, default, flag: str = "--condition"):
+    """Command-line option text to the type of the option's default ('150' -> 150 where the default is an int);
+    a value of another type is a UserError naming `flag`."""
     if not isinstance(value, str) or default is None or isinstance(default, str):
         return value
     import yaml
@@ -117,5 +129,5 @@ def coerce_option(name: str, key: str, value, default):
     if kind is float and isinstance(parsed, int) and not isinstance(parsed, bool):
         parsed = float(parsed)
     if not isinstance(parsed, kind) or (kind is int and isinstance(parsed, bool)):
-        raise UserError(f"--condition {name}: option {key}={value!r} should be a {kind.__name__} like {default!r}")
+        raise UserError(f"{flag} {name}: option {key}={value!r} should be a {kind.__name__} like {default!r}")
     return parsed
