@@ -314,7 +314,10 @@ class TrainConfig:
         "text), Fill50K layout (prompt.json, source/, target/), kohya pair (images/ + conditioning/ + .txt), or "
         "webdataset tar shards with their shards.json (`zeroconv prepare --format webdataset`), streamed: each "
         "epoch permutes the shards, splits them across processes and loader workers, and mixes samples in "
-        "--shuffle_buffer; a resume skips the shards already consumed.")
+        "--shuffle_buffer; a resume skips the shards already consumed. Such a shard folder may also be a URL, "
+        "streamed through fsspec with its backend installed (s3://bucket/shards with s3fs, gs:// with gcsfs, "
+        "hf://datasets/owner/name/shards, https://): the prepared folder uploaded as is; a URL of anything else is "
+        "refused.")
     jsonl_for_train: str | None = option(
         None, "A JSON-lines file of training rows, read with datasets' json builder as train_controlnet_sd3.py and "
         "train_controlnet_flux.py read it: one object per line holding --image_column, "

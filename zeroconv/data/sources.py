@@ -13,7 +13,8 @@ rows costs a metadata read, not 100k image decodes. Sources:
 - `datasets`: a save_to_disk folder (load_from_disk), or anything `datasets.load_dataset` reads (hub id,
   local script, data folder).
 - webdataset shards of `zeroconv prepare --format webdataset` (a folder with shards.json): `ShardExamples`, which
-  zeroconv.data.stream streams; they have a length and no random access.
+  zeroconv.data.stream streams; they have a length and no random access. The one source a URL may name
+  (`--train_data_dir s3://...`, `hf://...`: the folder read through fsspec, zeroconv.data.shards).
 - `--dataset_name X --streaming`: the parquet files of X's train split (zeroconv.data.datafiles), listed by
   datasets' builder and counted from their footers, nothing downloaded; `ShardExamples` too, streamed alike.
 
@@ -37,7 +38,7 @@ from PIL import Image
 
 from zeroconv.config import check_train_config, union_columns
 from zeroconv.data.datafiles import DataFileIndex, caption_value, data_file_index, read_footers
-from zeroconv.data.shards import ShardIndex, is_shard_folder, is_unfinished, read_index
+from zeroconv.data.shards import ShardIndex, is_shard_folder, is_unfinished, is_url, read_index
 from zeroconv.errors import UserError
 from zeroconv.jsonl import read_rows
 
@@ -199,7 +200,9 @@ def open_source(cfg) -> Examples:
         return open_streamed_dataset(cfg)
     if cfg.jsonl_for_train:
         return open_jsonl(Path(cfg.jsonl_for_train), cfg)
-    if cfg.train_data_dir:
+    if cfg.train_data_dir and is_url(cfg.train_data_dir):
+        examples = open_remote_shards(cfg.train_data_dir.rstrip("/"), cfg)
+    elif cfg.train_data_dir:
         folder = Path(cfg.train_data_dir)
         if not folder.is_dir():
             raise UserError(f"--train_data_dir {folder}: no such folder")
@@ -313,6 +316,15 @@ def open_shards(folder: Path, cfg, flag: str) -> ShardExamples:
                       "train from the folder layout (`zeroconv prepare` without --format webdataset)")
     index = read_index(folder, flag)
     return ShardExamples(index, f"webdataset shards {folder} ({len(index.shards)} shards)")
+
+
+def open_remote_shards(url: str, cfg) -> ShardExamples:
+    """A shard folder behind a URL (zeroconv.data.shards.read_index through fsspec): a URL that is not one is
+    refused before the options a stream cannot serve are."""
+    index = read_index(url, "--train_data_dir")
+    refuse_for_stream(cfg, f"--train_data_dir {url} (webdataset shards, streamed)",
+                      "train from a local folder layout (`zeroconv prepare` without --format webdataset)")
+    return ShardExamples(index, f"webdataset shards {url} ({len(index.shards)} shards)")
 
 
 def open_streamed_dataset(cfg) -> ShardExamples:
