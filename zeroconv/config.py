@@ -486,7 +486,8 @@ class TrainConfig:
     use_ema: bool = option(
         False, "Keep an exponential moving average of the ControlNet's weights; validation samples it and output_dir "
         "gets it at the end (the trained weights go to output_dir/without_ema; checkpoints hold both). Its decay "
-        "warms up as min(--ema_decay, (1+n)/(10+n)) after n steps.")
+        "warms up as min(--ema_decay, (1+n)/(10+n)) after n steps. Under FSDP each GPU averages its own shard; "
+        "runs under DeepSpeed ZeRO-2, not ZeRO-3.")
     ema_decay: float = option(0.9999, "Largest decay of --use_ema's average (diffusers' EMAModel default).")
     max_nonfinite_steps: int = option(
         10, "Stop (with a checkpoint of the last good state) after this many NaN/inf steps in a row.")

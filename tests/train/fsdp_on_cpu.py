@@ -13,8 +13,13 @@ plain MULTI_CPU data parallelism (no sharding). Setting the type on AcceleratorS
 shards, but save_state then sees MULTI_CPU again and takes the unsharded branch, failing in
 clean_state_dict_for_safetensors ("RuntimeError: Attempted to access the data pointer on an invalid python
 storage"). Nothing in zeroconv knows about this switch; shipping code never imports it.
+
+With ZEROCONV_TEST_RECORD_VALIDATION set, each validation also writes the weights it samples with (the state dict
+of the ControlNet run_validation is given, on the main process) to output_dir/validated/step-N.safetensors, so a
+test can tell which weights a launched run validated.
 """
 
+import os
 import sys
 
 from accelerate.state import AcceleratorState, PartialState
@@ -32,6 +37,29 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 
 AcceleratorState.__init__ = _init_with_fsdp_on_cpu
+
+
+def _record_validated_weights():
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from zeroconv.train import validate
+
+    run_validation = validate.run_validation
+
+    def recording(t, step, controlnet):
+        folder = Path(t.cfg.output_dir) / "validated"
+        folder.mkdir(exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in controlnet.state_dict().items()},
+                  folder / f"step-{step}.safetensors")
+        return run_validation(t, step, controlnet)
+
+    validate.run_validation = recording  # TrainingRun.validate imports it from the module at each call
+
+
+if os.environ.get("ZEROCONV_TEST_RECORD_VALIDATION"):
+    _record_validated_weights()
 
 if __name__ == "__main__":
     from zeroconv.cli import main

@@ -47,12 +47,13 @@ def launch_two(base, data, out, steps, *extra, env=None, check=True, config=DDP_
 
 
 def test_two_processes_train_checkpoint_and_resume_exactly(tiny_base, tiny_dataset, tmp_path, ddp_four_steps):
-    straight, resumed = ddp_four_steps, tmp_path / "resumed"
-    launch_two(tiny_base, tiny_dataset, resumed, 2)
+    straight, resumed = ddp_four_steps, tmp_path / "resumed"  # with --use_ema, as ddp_four_steps
+    launch_two(tiny_base, tiny_dataset, resumed, 2, "--use_ema")
     assert (resumed / "checkpoint-2" / "COMPLETE").is_file()
-    launch_two(tiny_base, tiny_dataset, resumed, 4, "--resume_from_checkpoint", "latest")
-    a, b = controlnet_weights(straight), controlnet_weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    launch_two(tiny_base, tiny_dataset, resumed, 4, "--use_ema", "--resume_from_checkpoint", "latest")
+    for folder in (".", "without_ema"):  # the average and the trained weights
+        a, b = controlnet_weights(straight / folder), controlnet_weights(resumed / folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
     assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
     import json
 
@@ -69,7 +70,7 @@ def test_two_processes_at_half_the_batch_train_the_model_of_one_process(tiny_bas
     two, one = ddp_four_steps, tmp_path / "one"
     assert run_training(tiny_config(tiny_base, tiny_dataset, one, train_batch_size=4, max_train_steps=4, seed=7,
                                     learning_rate=1e-4, checkpointing_steps=2)) == 0
-    a, b = controlnet_weights(two), controlnet_weights(one)
+    a, b = controlnet_weights(two / "without_ema"), controlnet_weights(one)  # the trained weights (two: --use_ema)
     moved = [k for k in a if not torch.equal(a[k], controlnet_weights(two / "checkpoint-2")[k])]
     assert moved  # the weights trained on, so agreeing is not the trivial agreement of untouched copies
     for key in a:

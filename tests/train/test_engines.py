@@ -1,8 +1,9 @@
 """DeepSpeed and FSDP (issue 16): the shipped accelerate configs are read by accelerate's own loader and launcher
 into valid plugins; FSDP2 trains on 2 CPU processes (gloo) through accelerate's real prepare/save_state/load_state/
-get_state_dict (tests/train/fsdp_on_cpu.py: a test-only switch, accelerate enables FSDP for GPUs only), resumes
-exactly and trains the model DDP trains; the sharded save's rank protocol keeps a checkpoint atomic; the flags the
-engines cannot take are refused, naming the flag. DeepSpeed itself needs GPUs and is not run here."""
+get_state_dict (tests/train/fsdp_on_cpu.py: a test-only switch, accelerate enables FSDP for GPUs only), with
+--use_ema kept per shard, resumes exactly (the average included), validates the average and trains the model (and
+the average) DDP trains; the sharded save's rank protocol keeps a checkpoint atomic; the flags the engines cannot
+take are refused, naming the flag. DeepSpeed itself needs GPUs and is not run here."""
 
 import json
 import os
@@ -85,40 +86,62 @@ def test_every_shipped_accelerate_config_loads_and_validates(config, monkeypatch
 # FSDP2 on 2 CPU processes
 # ----------------------------------------------------------------------------------------------------------------
 
-def launch_fsdp(base, data, out, steps, *extra):
-    return launch_two(base, data, out, steps, *extra, config=FSDP_CONFIG, module="tests.train.fsdp_on_cpu")
+def launch_fsdp(base, data, out, steps, *extra, env=None):
+    return launch_two(base, data, out, steps, *extra, env=env, config=FSDP_CONFIG, module="tests.train.fsdp_on_cpu")
+
+
+def equal_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fsdp_trains_checkpoints_resumes_exactly_and_matches_ddp(tiny_base, tiny_dataset, tmp_path, ddp_four_steps):
+    """With --use_ema, as the DDP run it is compared with: the average is kept of each rank's shard."""
+    from safetensors.torch import load_file
+
     ddp, straight, resumed = ddp_four_steps, tmp_path / "straight", tmp_path / "resumed"
     validation_image = next((Path(tiny_dataset) / "conditioning").rglob("*.png"))
     validation = ("--validation_image", str(validation_image), "--validation_prompt", "a square",
                   "--validation_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "2")
-    launch_fsdp(tiny_base, tiny_dataset, straight, 4, *validation)
-    launch_fsdp(tiny_base, tiny_dataset, resumed, 2)
-    launch_fsdp(tiny_base, tiny_dataset, resumed, 4, "--resume_from_checkpoint", "latest")
+    launch_fsdp(tiny_base, tiny_dataset, straight, 4, "--use_ema", *validation,
+                env={"ZEROCONV_TEST_RECORD_VALIDATION": "1"})  # the weights each validation samples, saved
+    launch_fsdp(tiny_base, tiny_dataset, resumed, 2, "--use_ema")
+    launch_fsdp(tiny_base, tiny_dataset, resumed, 4, "--use_ema", "--resume_from_checkpoint", "latest")
 
     checkpoint = resumed / "checkpoint-2"
     assert (checkpoint / "COMPLETE").is_file() and not list(resumed.glob(".checkpoint-*"))
     engine = checkpoint / "engine"
-    for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # DCP: one file of each rank's shard
-        assert sorted(p.name for p in (engine / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for part in ("pytorch_model_fsdp_0", "optimizer_0", "ema"):  # DCP: one file of each rank's shard
+        assert sorted(p.name for p in (engine / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], part
     assert sorted(p.name for p in engine.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert json.loads((checkpoint / "engine.json").read_text()) == {"distributed_type": "FSDP", "num_processes": 2}
+    assert json.loads((checkpoint / "controlnet_ema" / "ema_state.json").read_text())["optimization_step"] == 2
 
-    # resumed == uninterrupted, to the bit: weights (the final export and the checkpoint's gathered copy) and losses
-    a, b = controlnet_weights(straight), controlnet_weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(b[k], v) for k, v in controlnet_weights(resumed / "checkpoint-4").items())
+    # resumed == uninterrupted, to the bit: the average (the final export and the checkpoint's gathered copy), the
+    # trained weights (the same two) and the losses
+    for folder in (".", "without_ema", "checkpoint-4/controlnet", "checkpoint-4/controlnet_ema"):
+        assert equal_weights(controlnet_weights(straight / folder), controlnet_weights(resumed / folder)), folder
     assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
-    # validation saw the gathered weights: a grid at each validation step, and training unchanged by it
-    assert sorted(p.name for p in (straight / "validation").glob("*.png")) == ["step-000002.png", "step-000004.png"]
+    average, trained = controlnet_weights(straight), controlnet_weights(straight / "without_ema")
+    assert equal_weights(average, controlnet_weights(straight / "checkpoint-4/controlnet_ema"))
+    assert equal_weights(trained, controlnet_weights(straight / "checkpoint-4/controlnet"))
+    assert any(not torch.equal(average[k], trained[k]) for k in trained)  # the average is not the weights' copy
 
-    # FSDP trains the model DDP trains: the same averaged gradient, sharded
-    reference, start = controlnet_weights(ddp), controlnet_weights(checkpoint)
-    assert any(not torch.equal(a[k], start[k]) for k in a)  # it moved from step 2 to 4: agreement is not trivial
-    for key in reference:
-        torch.testing.assert_close(a[key], reference[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    # validation sampled the gathered average: a grid at each validation step, the average of that step in the
+    # ControlNet it was given (not the trained weights), and training unchanged by it (resumed had no validation)
+    assert sorted(p.name for p in (straight / "validation").glob("*.png")) == ["step-000002.png", "step-000004.png"]
+    for step in (2, 4):
+        validated = load_file(straight / "validated" / f"step-{step}.safetensors")
+        assert equal_weights(validated, controlnet_weights(straight / f"checkpoint-{step}/controlnet_ema")), step
+        assert not equal_weights(validated, controlnet_weights(straight / f"checkpoint-{step}/controlnet")), step
+
+    # FSDP trains the model DDP trains (the same averaged gradient, sharded), and keeps the average DDP keeps
+    start = controlnet_weights(checkpoint)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained)  # it moved from step 2 to 4: not trivial
+    for ours, reference in ((trained, controlnet_weights(ddp / "without_ema")), (average, controlnet_weights(ddp))):
+        assert ours.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, key=key: f"{key}: {m}")
     assert losses(ddp).keys() == losses(straight).keys()
     assert all(losses(ddp)[s] == pytest.approx(losses(straight)[s], rel=1e-5) for s in losses(ddp))
 
@@ -218,21 +241,26 @@ def test_a_sharded_save_killed_before_complete_leaves_nothing_latest_picks(tmp_p
 # What the engines refuse, and resuming under another engine
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("engine", ["DEEPSPEED", "FSDP"])
+@pytest.mark.parametrize("engine, zero_stage", [("DEEPSPEED", 2), ("DEEPSPEED", 3), ("FSDP", None)])
 @pytest.mark.parametrize("flag, overrides", [("--use_ema", dict(use_ema=True)),
                                              ("--sd_locked false", dict(sd_locked=False)),
                                              ("--gradient_accumulation_steps 2", dict(gradient_accumulation_steps=2))])
-def test_flags_the_engines_cannot_take_are_refused_by_name(engine, flag, overrides):
+def test_flags_the_engines_cannot_take_are_refused_by_name(engine, zero_stage, flag, overrides):
     from zeroconv.errors import UserError
     from zeroconv.train.engines import check_engine_flags
 
     cfg = SimpleNamespace(**{**dict(use_ema=False, sd_locked=True, gradient_accumulation_steps=1), **overrides})
-    accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name=engine))
-    if engine == "FSDP" and flag.startswith("--gradient_accumulation_steps"):
-        check_engine_flags(cfg, accelerator)  # FSDP accumulates with zeroconv's own no_sync like DDP
-        return
-    with pytest.raises(UserError, match=f"^{flag}: not supported under "):
+    accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name=engine),
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage)))
+    taken = ((engine == "FSDP" and flag.startswith("--gradient_accumulation_steps"))  # zeroconv's no_sync, as DDP
+             or (flag == "--use_ema" and zero_stage != 3))  # FSDP: the average per shard; ZeRO-2: weights whole
+    if taken:
         check_engine_flags(cfg, accelerator)
+        return
+    with pytest.raises(UserError, match=f"^{flag}: not supported under ") as refused:
+        check_engine_flags(cfg, accelerator)
+    if flag == "--use_ema":
+        assert "under DeepSpeed ZeRO-3" in str(refused.value) and "ZeRO-2 and FSDP" in str(refused.value)
     check_engine_flags(cfg, SimpleNamespace(distributed_type=SimpleNamespace(name="MULTI_GPU")))  # DDP takes all
 
 

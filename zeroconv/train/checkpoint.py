@@ -13,10 +13,13 @@ identity (base, resolution, architecture) is saved too, and resume refuses a che
 Under DeepSpeed or FSDP (zeroconv.train.engines) no process holds the whole optimizer state, so every process takes
 part: the main process makes the temporary folder (named the same on every process: `.checkpoint-N.tmp-sharded`),
 all wait, each writes its shard through accelerate's `save_state` into `engine/` (DeepSpeed's save_checkpoint,
-FSDP's DCP; each process's RNG and the grad scaler with them), all wait again, and only then does the main process
-add the run's files and the gathered weights (`controlnet/`, readable by diffusers), write COMPLETE, rename and
-prune; a last wait keeps every process from going on before the checkpoint is in place. Resume loads `engine/`
-through `load_state` on every process. One process and DDP write the format above, unchanged.
+FSDP's DCP; each process's RNG and the grad scaler with them) and, with --use_ema under FSDP, its shard of the
+average into `engine/ema/` (DCP as well), all wait again, the average is gathered into `controlnet_ema/` (every
+process taking part, the main process writing), and only then does the main process add the run's files and the
+gathered weights (`controlnet/`, readable by diffusers), write COMPLETE, rename and prune; a last wait keeps every
+process from going on before the checkpoint is in place. Resume loads `engine/` through `load_state` on every
+process, and the average from `engine/ema/` (FSDP) or `controlnet_ema/` (DeepSpeed ZeRO-2, whose processes all
+hold the whole average). One process and DDP write the format above, unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ logger = logging.getLogger("zeroconv.train")
 COMPLETE = "COMPLETE"
 ENGINE_FOLDER = "engine"  # accelerate's save_state of a sharded run
 ENGINE_FILE = "engine.json"  # which engine, on how many processes, wrote it
+EMA_SHARDS = "ema"  # in engine/: every process's shard of the --use_ema average, under FSDP (DCP)
 SHARED_TMP = "sharded"  # the temporary folder's suffix every process of a sharded save agrees on
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -108,7 +112,7 @@ def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_st
     tmp = _fresh_folder(output_dir, step, str(os.getpid()))
     controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
     if ema is not None:
-        ema.save(tmp)
+        ema.save(tmp, controlnet)
     if decoder_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in decoder_state.items()}, tmp / "unet_decoder.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -120,17 +124,22 @@ def save_checkpoint(output_dir: str | Path, step: int, *, controlnet, decoder_st
 
 
 def save_sharded_checkpoint(accelerator, output_dir: str | Path, step: int, *, controlnet, lr_scheduler,
-                            state: TrainerState, identity: dict, config: dict, total_limit: int | None = None) -> Path:
+                            state: TrainerState, identity: dict, config: dict, total_limit: int | None = None,
+                            ema=None) -> Path:
     """Write checkpoint-{step} of a DeepSpeed/FSDP run atomically, then prune old ones. Every process calls it;
     `controlnet` is the gathered plain copy on the main process (zeroconv.train.engines.gathered_copy), None on
-    the others."""
+    the others; `ema` the --use_ema average (zeroconv.train.ema.ControlNetEMA), on every process."""
     output_dir = Path(output_dir)
     tmp = output_dir / f".checkpoint-{step}.tmp-{SHARED_TMP}"
     if accelerator.is_main_process:
         _fresh_folder(output_dir, step, SHARED_TMP)
     accelerator.wait_for_everyone()  # the folder exists, empty, before any process writes its shard
     accelerator.save_state(str(tmp / ENGINE_FOLDER))
+    if ema is not None:
+        ema.save_shards(tmp / ENGINE_FOLDER / EMA_SHARDS)
     accelerator.wait_for_everyone()  # every shard is written before the checkpoint can be marked complete
+    if ema is not None:
+        ema.save(tmp, controlnet)  # the average gathered into the main process's copy, written there
     final = output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
@@ -243,10 +252,13 @@ def load_checkpoint(checkpoint: Path, *, controlnet, unet, optimizer, lr_schedul
     return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
 
 
-def load_sharded_checkpoint(checkpoint: Path, *, accelerator, lr_scheduler) -> TrainerState:
+def load_sharded_checkpoint(checkpoint: Path, *, accelerator, lr_scheduler, ema=None) -> TrainerState:
     """Restore what `save_sharded_checkpoint` wrote: every process loads its shard of weights and optimizer, its
-    RNG and the grad scaler through accelerate's `load_state`; returns the counters."""
+    RNG and the grad scaler through accelerate's `load_state`, and the --use_ema average (`ema`); returns the
+    counters."""
     accelerator.load_state(str(checkpoint / ENGINE_FOLDER))
+    if ema is not None:
+        ema.load(checkpoint, checkpoint / ENGINE_FOLDER / EMA_SHARDS)
     lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=False))
     return TrainerState(**json.loads((checkpoint / "trainer_state.json").read_text()))
 

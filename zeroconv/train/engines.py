@@ -5,10 +5,14 @@ Under those engines no process holds the whole training state, so:
   `save_sharded_checkpoint`);
 - whatever needs the full weights (validation, the checkpoint's readable copy, the final model) gets a plain copy
   built on the main process from `accelerator.get_state_dict`, a gather every process takes part in;
-- what zeroconv cannot do correctly there yet is refused at the start, naming the flag: --use_ema (the average
-  would be kept of one shard), --sd_locked false (a second trained module: DeepSpeed takes one, and the UNet's
-  decoder would need sharding of its own) and, under DeepSpeed, --gradient_accumulation_steps > 1 (DeepSpeed
-  steps and scales inside the backward, where zeroconv accumulates by itself).
+- --use_ema: under FSDP each process averages its own shard of the weights (exact: an EMA is elementwise), saves
+  that shard in the checkpoint, and the whole average is gathered where it is read; under DeepSpeed ZeRO-2 every
+  process holds the weights whole and averages them as under DDP (zeroconv.train.ema);
+- what zeroconv cannot do correctly there yet is refused at the start, naming the flag: --use_ema under DeepSpeed
+  ZeRO-3 (it partitions the weights themselves, which the average does not read; untested without GPUs),
+  --sd_locked false (a second trained module: DeepSpeed takes one, and the UNet's decoder would need sharding of
+  its own) and, under DeepSpeed, --gradient_accumulation_steps > 1 (DeepSpeed steps and scales inside the
+  backward, where zeroconv accumulates by itself).
 One process and DDP keep every process whole and none of this applies.
 """
 
@@ -30,14 +34,25 @@ def is_sharded(accelerator) -> bool:
     return engine_name(accelerator) is not None
 
 
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run (from its accelerate config), else None."""
+    if engine_name(accelerator) != "DeepSpeed":
+        return None
+    return accelerator.state.deepspeed_plugin.zero_stage
+
+
 def check_engine_flags(cfg, accelerator) -> None:
     """Refuse, before any model loads, the flags zeroconv does not run correctly under a sharding engine."""
     engine = engine_name(accelerator)
     if engine is None:
         return
-    refused = [("--use_ema", cfg.use_ema, "the average would be kept of one process's shard only"),
-               ("--sd_locked false", not cfg.sd_locked, "the UNet decoder would be a second sharded trained module")]
-    if engine == "DeepSpeed":
+    refused = [("--sd_locked false", not cfg.sd_locked, "the UNet decoder would be a second sharded trained module")]
+    if zero_stage(accelerator) == 3:
+        engine = "DeepSpeed ZeRO-3"
+        refused.append(("--use_ema", cfg.use_ema, "ZeRO-3 partitions the weights themselves, which the average does "
+                        "not read (it runs under ZeRO-2 and FSDP, configs/accelerate/deepspeed_zero2.yaml and "
+                        "fsdp.yaml)"))
+    if engine.startswith("DeepSpeed"):
         refused.append((f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}",
                         cfg.gradient_accumulation_steps > 1,
                         "DeepSpeed steps inside the backward; raise --train_batch_size or the GPU count instead"))

@@ -37,14 +37,14 @@ def save_final(run: TrainingRun) -> Path:
     out = Path(run.cfg.output_dir)
     run.accelerator.wait_for_everyone()
     controlnet = run.full_controlnet()  # under DeepSpeed/FSDP gathered, every process taking part; written once
-    if run.accelerator.is_main_process:
-        dtype = SAVE_DTYPES[run.cfg.save_weight_dtype]
-        if run.ema is not None:  # output_dir holds the average, the model users load; the trained weights beside it
-            save_controlnet(controlnet, out / RAW_FOLDER, dtype)
-            with run.ema.applied():
-                save_controlnet(controlnet, out, dtype)
-        else:
+    dtype = SAVE_DTYPES[run.cfg.save_weight_dtype]
+    if run.ema is not None and controlnet is not None:  # the main process: the trained weights beside the average
+        save_controlnet(controlnet, out / RAW_FOLDER, dtype)
+    # output_dir: with --use_ema the average, the model users load; every process enters (FSDP gathers it)
+    with run.averaged(controlnet) as controlnet:
+        if controlnet is not None:
             save_controlnet(controlnet, out, dtype)
+    if run.accelerator.is_main_process:
         if not run.cfg.sd_locked:
             run.accelerator.unwrap_model(run.unet).save_pretrained(out / DECODER_FOLDER, safe_serialization=True)
         summary = {"global_step": run.state.global_step, "processes": run.accelerator.num_processes,

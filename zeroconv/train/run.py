@@ -108,7 +108,7 @@ class TrainingRun:
                 self.accelerator, self.cfg.output_dir, self.state.global_step,
                 controlnet=gathered_copy(self.accelerator, self.controlnet), lr_scheduler=self.lr_scheduler,
                 state=self.state, identity=self.identity, config=to_dict(self.cfg),
-                total_limit=self.cfg.checkpoints_total_limit)
+                total_limit=self.cfg.checkpoints_total_limit, ema=self.ema)
             logger.info("checkpoint saved: %s", path)
             return
         if self.accelerator.is_main_process:
@@ -129,6 +129,11 @@ class TrainingRun:
             return gathered_copy(self.accelerator, self.controlnet)
         return self.accelerator.unwrap_model(self.controlnet) if self.accelerator.is_main_process else None
 
+    def averaged(self, controlnet: ControlNetModel | None) -> contextlib.AbstractContextManager:
+        """With --use_ema, the average in `controlnet` (what full_controlnet gave) for the duration, else
+        `controlnet` as it is. Every process must enter it: under FSDP the average's shards are gathered."""
+        return self.ema.applied(controlnet) if self.ema is not None else contextlib.nullcontext(controlnet)
+
     def decoder_state(self) -> dict | None:
         if self.cfg.sd_locked:
             return None
@@ -143,12 +148,14 @@ class TrainingRun:
         from zeroconv.train.validate import run_validation
 
         controlnet = self.full_controlnet()  # under DeepSpeed/FSDP a gather: every process first
+        metrics = {}
+        with self.averaged(controlnet) as controlnet:  # --use_ema samples the average (under FSDP gathered too)
+            if self.accelerator.is_main_process:
+                self.base.materialize()  # a cached run's text encoders load at its first validation, not before
+                metrics = run_validation(self, self.state.global_step, controlnet)
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return {}
-        self.base.materialize()  # a cached run's text encoders load at its first validation, not before
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # --use_ema: the average
-            metrics = run_validation(self, self.state.global_step, controlnet)
         if metrics:
             self.record(self.state.global_step, metrics)
             shown = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items())

@@ -471,7 +471,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         check_identity(checkpoint, identity)
         check_engine(checkpoint, accelerator, engine_name(accelerator))
         if engine_name(accelerator):
-            state = load_sharded_checkpoint(checkpoint, accelerator=accelerator, lr_scheduler=lr_scheduler)
+            state = load_sharded_checkpoint(checkpoint, accelerator=accelerator, lr_scheduler=lr_scheduler, ema=ema)
         else:
             state = load_checkpoint(checkpoint, controlnet=accelerator.unwrap_model(controlnet),
                                     unet=accelerator.unwrap_model(unet), optimizer=optimizer,
