@@ -4,6 +4,7 @@ Only the model, dataset and validation images are local paths, and --report_to w
 dropped (no network here); everything else is the blog's text.
 """
 
+import os
 import shlex
 import subprocess
 import sys
@@ -53,8 +54,11 @@ def test_blog_command_runs_unmodified(tiny_base, tmp_path):
     for i in (1, 2, 3):
         Image.fromarray(np.full((64, 64, 3), 60 * i, np.uint8)).save(tmp_path / f"face_landmarks{i}.jpeg")
     args = shlex.split(BLOG_COMMAND.format(base=tiny_base, dataset=dataset))
-    proc = subprocess.run([sys.executable, "-m", "zeroconv", "train", *args], cwd=tmp_path, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1",
-                                                                              "PATH": "/usr/bin:/bin"})
+    # a bare environment (no tokens, no PYTHONPATH tricks), less the runner's thread settings: with another test
+    # beside it, torch's spinning OpenMP threads made this test 6x slower
+    threads = {k: v for k, v in os.environ.items() if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    proc = subprocess.run([sys.executable, "-m", "zeroconv", "train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **threads})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "model_out"
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
