@@ -29,8 +29,12 @@ chromium:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/zeroconv demo --output_dir demo-out
 
+# Two test processes of one torch thread each (pytest-xdist): the tests are tiny models whose steps do not keep two
+# threads busy, so two at once finish sooner; the passive OpenMP wait keeps the multi-process tests, which start
+# more processes than there are cores, from spinning. TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests --durations=20
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest tests -n $(TEST_WORKERS) --durations=20
 
 bench: $(STAMP)
 	$(BIN)/python -m zeroconv bench --config tiny
