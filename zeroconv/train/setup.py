@@ -126,9 +126,9 @@ def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
             base.vae: base.family.vae_dtype(base, dtype)}
 
 
-def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
+def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset | StreamDataset, base: Base, device: torch.device,
                  dtype: torch.dtype) -> LatentCache:
-    """The cache of `dataset` through `base`'s encoders in `dtype`: reused when complete, else built."""
+    """The cache of `dataset` (map-style, or streamed: built shard by shard) through `base`'s encoders in `dtype`: reused when complete, else built."""
     from zeroconv.data import cache
     from zeroconv.models.locate import resolve_base
 
@@ -160,10 +160,9 @@ def cache_cannot_serve(cfg: TrainConfig) -> str | None:
         return "--aspect_buckets gives latents of varying shapes and a cache holds one square crop per image"
     if union_columns(cfg):
         return "--conditioning_image_columns gives several conditions per image and a cache holds one"
-    if is_shard_folder(cfg.train_data_dir or cfg.dataset_name):
-        return "webdataset shards are streamed and a cache is built from every sample up front"
-    if cfg.streaming:
-        return "--streaming reads the dataset as it trains and a cache is built from every sample up front"
+    if cfg.condition and (cfg.streaming or is_shard_folder(cfg.train_data_dir or cfg.dataset_name)):
+        return ("--condition extracts each epoch's conditions from the images, and a streamed run served by the cache "
+                "reads no shard")
     return None
 
 
@@ -172,7 +171,7 @@ def may_use_cache(cfg: TrainConfig) -> bool:
     return cfg.cache != "off" and cache_cannot_serve(cfg) is None
 
 
-def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
+def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset | StreamDataset, base: Base, device: torch.device,
                  dtype: torch.dtype) -> LatentCache | None:
     """The run's latent cache per --cache, or None to encode live. The default, auto, never stops a run: where a
     cache cannot serve it, one line says why and training goes on uncached."""
@@ -486,11 +485,12 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     if cache is None:
         encoders = LiveEncoders(base, accelerator.device, dtype)
     else:  # the cache's latents and embeddings replace the images and captions; the encoders leave the device
-        from zeroconv.data.cache import CachedDataset
+        from zeroconv.data.cache import serve
 
         # the VAE and text encoder end up on the CPU, off the training device, until validation borrows them
         encoders = CachedEncoders(cache.empty_prompts, base, accelerator.device, dtype)
-        dataset, collate = CachedDataset(cache, dataset), CachedDataset.collate
+        # a streamed run keeps its stream's order and position; its items come from the cache by global index
+        dataset, collate = serve(cache, dataset)
     batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
