@@ -5,15 +5,27 @@ stores per sample the VAE posterior's mean and std (and those of the flipped ima
 condition at training resolution as uint8 (not with --condition: extractors draw new random choices every epoch,
 so those conditions are still computed per step), its size and crop (SDXL's micro-conditioning), and per distinct
 caption what the family's prompt encoder returns (a dict of tensors: SD's hidden states; SDXL's two encoders'
-hidden states and pooled embedding), and the empty prompt's. Training then draws a fresh latent from (mean, std) with the same generator calls as the live
-VAE path, and picks flips and captions with ControlNetDataset's per-(seed, epoch, index) draws: a seeded run
-feeds the UNet the same noisy latents with or without the cache.
+hidden states and pooled embedding), and the empty prompt's. Training then draws a fresh latent from (mean, std)
+with the same generator calls as the live VAE path, and picks flips and captions with ControlNetDataset's
+per-(seed, epoch, index) draws: a seeded run feeds the UNet the same noisy latents with or without the cache.
+
+Two sources, one reader (cached_item, by a sample's index):
+- A map-style dataset (ControlNetDataset) is cut into shards of about SHARD_BYTES, read by index; CachedDataset
+  serves it, replacing an unreadable sample by the next readable one as the dataset does.
+- A streamed one (zeroconv.data.stream.StreamDataset: webdataset shards, or --streaming parquet files) has no
+  random access: each data shard is read once, in order, through the stream's own reading (read_shard), into one
+  cache shard of its own, whose metadata holds its samples' captions; the manifest adds every data shard's first
+  global index and each sample's caption. CachedStream then serves the stream in its own order (its epoch's shard
+  split, shuffle buffer, fill-up, resume and replacement of unreadable samples unchanged), every item read from
+  the cache by its global index, and never opens a data shard. A streamed run with --condition would need the
+  images again every epoch, so it trains live (zeroconv.train.setup.cache_cannot_serve).
 
 On disk: `<root>/<key>/` with safetensors shards (memory-mapped when read) and manifest.json, written last. The
-key hashes the dataset's fingerprint, the base (path, configs, weight files' sizes and mtimes), resolution,
-condition channels and extractor, flip, dtype and the transform's version: change any and a new cache is built
-beside the old one, never mixed with it. Several processes split the shards, then the main one writes the
-manifest. An interrupted build keeps its finished shards in `<key>.partial/` and resumes from them.
+key hashes the dataset's fingerprint (a stream's: its shard set's), the base (path, configs, weight files' sizes
+and mtimes), resolution, condition channels and extractor, flip, dtype and the transform's version: change any
+and a new cache is built beside the old one, never mixed with it. Several processes split the shards, then the
+main one writes the manifest. An interrupted build keeps its finished shards in `<key>.partial/` and resumes from
+them.
 
 This module takes its inputs as explicit arguments; `zeroconv cache` (zeroconv.train.cache) builds them with the
 functions `zeroconv train` builds its own with (zeroconv.train.setup), so `--config run.yaml` builds exactly the
@@ -32,10 +44,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from zeroconv.data.dataset import BadSample, pick_caption
+from zeroconv.data.shards import Shard
+from zeroconv.data.stream import StreamDataset
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.cache")
@@ -97,12 +112,14 @@ def samples_of(dataset):
 
 
 def is_streamed(dataset) -> bool:
-    """A zeroconv.data.stream.StreamDataset: its samples are read shard by shard, never by index."""
-    return hasattr(dataset, "stream_order")
+    """A StreamDataset: its samples are read shard by shard, never by index."""
+    return isinstance(dataset, StreamDataset)
 
 
 def num_samples(dataset) -> int:
-    return dataset.index.samples if is_streamed(dataset) else len(dataset)
+    """The samples `dataset` holds: a map-style one's length; a stream's, its shards' listed counts summed (the
+    StreamDataset's own length is what one rank yields per epoch, fill-up included)."""
+    return sum(shard.samples for shard in dataset.index.shards) if is_streamed(dataset) else len(dataset)
 
 
 def cache_identity(dataset, base: dict, tokenizer_name: str | None, condition: str | None,
@@ -221,8 +238,6 @@ def cached_item(cache: LatentCache, index: int, draws: tuple, caption: str | lis
     """The training item of sample `index` from the cache, with `draws` (ControlNetDataset.draws: the flip and
     caption draw this epoch gives it) and its `caption` (or list); `condition`: one extracted live
     (--condition), else the cached one. Without "skipped"."""
-    from zeroconv.data.dataset import pick_caption
-
     flip, caption_draw, _ = draws
     mean, std, cached_condition, size_and_crop = cache.sample(index, flip)
     if condition is None:
@@ -248,8 +263,6 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.cache.num_samples
 
     def __getitem__(self, index: int) -> dict:
-        from zeroconv.data.dataset import BadSample
-
         draws = self.source.draws(index)  # a random crop is refused with a cache
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
@@ -275,34 +288,32 @@ class CachedDataset(torch.utils.data.Dataset):
                 "skipped": sum(item["skipped"] for item in batch)}
 
 
-def cached_stream(cache: LatentCache, stream):
-    """`stream` (a StreamDataset) with its items from `cache`: its order, resume and bookkeeping unchanged."""
-    from zeroconv.data.stream import StreamDataset
+class CachedStream(StreamDataset):
+    """`stream`'s batches (a StreamDataset's) in its own order, with the same positions, resume, fill-up and
+    replacement of unreadable samples, each item cached_item of its global index: the data shards are never
+    opened. A module-level class, so loader workers started by spawn can unpickle it."""
 
-    class CachedStream(StreamDataset):
-        """A StreamDataset's batches in its own order (same positions, same resume, same replacement of unreadable
-        samples), each item cached_item of its global index: the data shards are never opened."""
+    def __init__(self, cache: LatentCache, stream: StreamDataset):
+        if num_samples(stream) != cache.num_samples:  # the key holds the shard set: a broken cache, not a user's
+            raise ValueError(f"{cache.folder}: {cache.num_samples} samples, the shards {num_samples(stream)}")
+        if not cache.manifest["conditions"]:  # cache_cannot_serve keeps --condition's streamed runs live
+            raise ValueError(f"{cache.folder}: no cached conditions, and a cached stream reads no image to extract "
+                             "them from")
+        self.__dict__.update(stream.__dict__)  # the stream's layout, position and draws, as build_stream made them
+        self.cache = cache
 
-        def produce(self, shards, starts, wanted):
-            from zeroconv.data.dataset import BadSample
-
-            for position in wanted:
-                shard, index = self.global_index(shards, starts, position)
-                if not cache.readable(index):
-                    yield BadSample(f"{shard.name} {index}", "unreadable when the latent cache was built")
-                    continue
-                yield cached_item(cache, index, self.samples.draws(index), cache.caption(index))
-
-    if stream.index.samples != cache.num_samples:
-        raise ValueError(f"cache has {cache.num_samples} samples, the shards {stream.index.samples}")
-    served = CachedStream.__new__(CachedStream)
-    served.__dict__.update(stream.__dict__)
-    return served
+    def produce(self, shards: list[Shard], starts: list[int], wanted: list[int]) -> Iterator[dict | BadSample]:
+        for position in wanted:
+            shard, index = self.global_index(shards, starts, position)
+            if not self.cache.readable(index):
+                yield BadSample(f"{shard.name} {index}", "unreadable when the latent cache was built")
+                continue
+            yield cached_item(self.cache, index, self.samples.draws(index), self.cache.caption(index))
 
 
 def serve(cache: LatentCache, dataset):
     """(dataset, collate) that give `dataset`'s batches from `cache` (a ControlNetDataset's or a StreamDataset's)."""
-    return (cached_stream(cache, dataset) if is_streamed(dataset) else CachedDataset(cache, dataset),
+    return (CachedStream(cache, dataset) if is_streamed(dataset) else CachedDataset(cache, dataset),
             CachedDataset.collate)
 
 
@@ -329,8 +340,6 @@ class RawSamples(torch.utils.data.Dataset):
 def raw_sample(dataset, example, index: int, bad: tuple[str, str] | None = None) -> dict:
     """`example` as sample `index`, unflipped, as `dataset` (a ControlNetDataset) transforms it, or a note that it
     cannot be read (`bad`: already known so); with its caption (or list). What every cache shard is built from."""
-    from zeroconv.data.dataset import BadSample
-
     resolution, channels = dataset.transform.resolution, dataset.transform.conditioning_channels
     try:
         if bad is not None:
@@ -349,8 +358,9 @@ def raw_sample(dataset, example, index: int, bad: tuple[str, str] | None = None)
 def streamed_raw(stream, shard, batch_size: int):
     """Batches (collate_raw's) of one data shard's samples, read in order through the stream's own shard reading
     (zeroconv.data.stream.read_shard and the index's fields): a streamed source is never read by index."""
+    from zeroconv.data.dataset import describe
     from zeroconv.data.sources import Example
-    from zeroconv.data.stream import read_shard
+    from zeroconv.data.stream import read_shard  # looked up at each call: the one place a shard is opened
 
     index, batch, found = stream.index, [], 0
     samples = read_shard(index, shard)
@@ -364,7 +374,7 @@ def streamed_raw(stream, shard, batch_size: int):
                 batch.append(raw_sample(stream.samples, Example(image, condition, caption, f"{shard.name} {number}"),
                                         number))
             except ValueError as exc:
-                batch.append(raw_sample(stream.samples, None, number, (f"{shard.name} {number}", str(exc))))
+                batch.append(raw_sample(stream.samples, None, number, (f"{shard.name} {number}", describe(exc))))
             if len(batch) == batch_size:
                 yield collate_raw(batch)
                 batch = []

@@ -35,6 +35,9 @@ neither lost nor repeated, and a resumed run takes exactly the batches, in the o
 
 An unreadable sample is replaced by the stream's previous readable one (or, at a stream's start, the next),
 counted in the batch's "skipped"; --strict_data raises instead.
+
+With the latent cache, zeroconv.data.cache.CachedStream is this class with `produce` reading each position's
+sample from the cache by its global index: all of the above holds unchanged, and no shard is opened.
 """
 
 from __future__ import annotations
