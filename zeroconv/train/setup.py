@@ -18,7 +18,7 @@ from zeroconv.config import TrainConfig, save_yaml, to_dict, union_columns, unio
 from zeroconv.data.cache import LatentCache
 from zeroconv.data.dataset import ControlNetDataset
 from zeroconv.data.shards import is_shard_folder
-from zeroconv.data.sources import Examples, ShardExamples
+from zeroconv.data.sources import STREAMED_CONDITION, Examples, ShardExamples
 from zeroconv.data.stream import StreamDataset
 from zeroconv.errors import UserError
 from zeroconv.models.base import Base
@@ -61,9 +61,8 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
 def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNetDataset:
     from zeroconv.data.transforms import PairedTransform
 
-    if isinstance(examples, ShardExamples):  # `zeroconv cache`: train streams shards through build_stream
-        raise UserError(f"{examples.index.where}: streamed, and a latent cache is built from every sample up front; "
-                        "train on it with --cache auto (live), or cache a folder layout")
+    if isinstance(examples, ShardExamples):  # no random access: train and `zeroconv cache` use build_stream
+        raise TypeError(f"{examples.index.where} is streamed: its dataset is build_stream's, not build_dataset's")
     condition_fn = None
     if cfg.condition:
         from zeroconv.data.conditions import get_extractor
@@ -128,7 +127,8 @@ def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
 
 def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset | StreamDataset, base: Base, device: torch.device,
                  dtype: torch.dtype) -> LatentCache:
-    """The cache of `dataset` (map-style, or streamed: built shard by shard) through `base`'s encoders in `dtype`: reused when complete, else built."""
+    """The cache of `dataset` through `base`'s encoders in `dtype`: reused when complete, else built (a streamed
+    one: a cache shard per data shard, each data shard read once, in order)."""
     from zeroconv.data import cache
     from zeroconv.models.locate import resolve_base
 
@@ -152,8 +152,8 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset | StreamDataset, b
 
 
 def cache_cannot_serve(cfg: TrainConfig) -> str | None:
-    """Why no latent cache can serve this run whatever --cache says (check_train_config refuses on/only for these,
-    so only auto meets them), or None."""
+    """Why no latent cache can serve this run whatever --cache says (check_train_config, and for a stream
+    zeroconv.data.sources.refuse_for_stream, refuse on/only for these, so only auto meets them), or None."""
     if cfg.random_crop:
         return "--random_crop moves the crop every epoch and a cache holds one"
     if cfg.aspect_buckets is not None:
@@ -161,8 +161,7 @@ def cache_cannot_serve(cfg: TrainConfig) -> str | None:
     if union_columns(cfg):
         return "--conditioning_image_columns gives several conditions per image and a cache holds one"
     if cfg.condition and (cfg.streaming or is_shard_folder(cfg.train_data_dir or cfg.dataset_name)):
-        return ("--condition extracts each epoch's conditions from the images, and a streamed run served by the cache "
-                "reads no shard")
+        return STREAMED_CONDITION
     return None
 
 
