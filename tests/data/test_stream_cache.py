@@ -53,8 +53,9 @@ def test_a_cached_streamed_run_resumed_mid_epoch_ends_with_the_uninterrupted_run
     stopped = stream_config(tiny_base, tmp_path, "stopped", cache="auto", max_train_steps=2, checkpointing_steps=2)
     train_recording_batches(fresh_setup(stopped))
     resumed = train_recording_batches(fresh_setup(stream_config(
-        tiny_base, tmp_path, "stopped", cache="auto", max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest")))
-    assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in reference[2:]]
+        tiny_base, tmp_path, "stopped", cache="auto", max_train_steps=4, checkpointing_steps=2,
+        resume_from_checkpoint="latest")))
+    assert indices(resumed) == indices(reference[2:])
     a = controlnet_weights(tmp_path / "straight" / "checkpoint-4")
     b = controlnet_weights(tmp_path / "stopped" / "checkpoint-4")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
