@@ -307,8 +307,9 @@ class TrainConfig:
         "permuted per epoch, split across processes and loader workers, mixed in --shuffle_buffer, a sample's "
         "index its row position in the file list. Row counts come from the files' footers, so every process takes "
         "the same steps, and a resume continues exactly, skipping the files already consumed. Parquet only (what "
-        "datasets' push_to_hub writes); other formats are refused. Not with --aspect_buckets, "
-        "--conditioning_image_columns, --max_train_samples or --cache on/only.")
+        "datasets' push_to_hub writes); other formats are refused. The latent cache serves it as it serves a "
+        "dataset read whole (one cache shard per file; with --condition it trains live). Not with --aspect_buckets, "
+        "--conditioning_image_columns or --max_train_samples.")
     train_data_dir: str | None = option(
         None, "A local folder: imagefolder layout (metadata.jsonl with file_name, conditioning_image_file_name, "
         "text), Fill50K layout (prompt.json, source/, target/), kohya pair (images/ + conditioning/ + .txt), or "
@@ -317,7 +318,8 @@ class TrainConfig:
         "--shuffle_buffer; a resume skips the shards already consumed. Such a shard folder may also be a URL, "
         "streamed through fsspec with its backend installed (s3://bucket/shards with s3fs, gs:// with gcsfs, "
         "hf://datasets/owner/name/shards, https://): the prepared folder uploaded as is; a URL of anything else is "
-        "refused.")
+        "refused. The latent cache serves shards as it serves the other layouts (one cache shard per data shard, "
+        "on a local disk; with --condition they train live).")
     jsonl_for_train: str | None = option(
         None, "A JSON-lines file of training rows, read with datasets' json builder as train_controlnet_sd3.py and "
         "train_controlnet_flux.py read it: one object per line holding --image_column, "
@@ -393,9 +395,9 @@ class TrainConfig:
         "auto", "Precomputed VAE latents and text embeddings, built once and reused by every run of the same data, "
         "base and transforms: the encoders then leave the training device and every step skips them (measured "
         "1.4-2.6x faster on CPU, bench/RESULTS.md; numbers identical to live encoding). auto: on whenever the run "
-        "can use one, with the disk it takes printed first, else off with a one-line notice (--random_crop, a cache "
-        "folder that cannot be written, a disk without room). on: the same, but those cases are errors. off: "
-        "encode every batch live, as diffusers' script. only: build it and exit.",
+        "can use one, with the disk it takes printed first, else off with a one-line notice (--random_crop, a "
+        "streamed run with --condition, a cache folder that cannot be written, a disk without room). on: the same, "
+        "but those cases are errors. off: encode every batch live, as diffusers' script. only: build it and exit.",
         choices=["auto", "on", "off", "only"])
     latent_cache_dir: str | None = option(
         None, "Where --cache keeps its caches, one folder per (dataset, base, resolution, transforms) key "

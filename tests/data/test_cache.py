@@ -47,6 +47,16 @@ def unet_inputs(cfg):
     return seen, indices, t
 
 
+def assert_same_unet_inputs(live: list[dict], cached: list[dict]) -> None:
+    """unet_inputs of a live and a cached run: equal, but for the text states to float rounding."""
+    for a, b in zip(live, cached, strict=True):
+        for key in a:
+            if key == "text":  # the text encoder ran at another batch composition: equal to float rounding
+                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(a[key], b[key]), key
+
+
 def test_cached_run_feeds_the_unet_the_same_noisy_latents(tiny_base, tiny_dataset, tmp_path):
     common = dict(max_train_steps=3, random_flip=True, proportion_empty_prompts=0.5,
                   latent_cache_dir=str(tmp_path / "cache"))
@@ -58,12 +68,7 @@ def test_cached_run_feeds_the_unet_the_same_noisy_latents(tiny_base, tiny_datase
     assert len(live) == len(cached) == 6  # ControlNet + UNet per step
     flips_seen = {t_live.dataset.draws(i)[0] for step in live_indices for i in step}
     assert flips_seen == {True, False}  # both cached variants were used
-    for a, b in zip(live, cached):
-        for key in a:
-            if key == "text":  # the text encoder ran at another batch composition: equal to float rounding
-                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
-            else:
-                assert torch.equal(a[key], b[key]), key
+    assert_same_unet_inputs(live, cached)
     # the VAE and text encoder left the training device's working set: the cached step never calls them
     assert t_cached.encoders.__class__.__name__ == "CachedEncoders"
 

@@ -3,7 +3,6 @@ its local copy does (issue 16: datasets larger than a disk). fsspec's memory fil
 storage and the Hub offline: the prepared folder's shards.json and tars are copied into it as an upload would."""
 
 import importlib.util
-import logging
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,20 +81,14 @@ def test_a_shard_folder_at_a_url_is_found_and_reads_the_samples_of_its_local_cop
 
 
 def test_a_streamed_run_from_a_url_takes_the_batches_and_weights_of_the_local_folder(tiny_base, tmp_path,
-                                                                                    memory_url, caplog):
+                                                                                    memory_url):
     data = prepare_shards(tmp_path, 16, 4)  # 4 shards of 4
     upload(data, memory_url)
+    # live (tiny_config's --cache off), so the batches' pixels can be compared
     common = dict(train_batch_size=4, dataloader_num_workers=2, shuffle_buffer=3, random_flip=True,
-                  max_train_steps=4, checkpointing_steps=4, cache="auto")
-    runs = {}
-    for name, source in (("local", str(data)), ("remote", memory_url)):
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="zeroconv.train"):
-            batches = train_recording_batches(fresh_setup(tiny_config(tiny_base, source, tmp_path / name,
-                                                                      **common)))
-        # --cache auto knows a URL's shard folder for a stream: trained live, as the local folder is
-        assert any("webdataset shards are streamed" in r.getMessage() for r in caplog.records), name
-        runs[name] = batches
+                  max_train_steps=4, checkpointing_steps=4)
+    runs = {name: train_recording_batches(fresh_setup(tiny_config(tiny_base, source, tmp_path / name, **common)))
+            for name, source in (("local", str(data)), ("remote", memory_url))}
     local, remote = runs["local"], runs["remote"]
     assert [b["index"].tolist() for b in remote] == [b["index"].tolist() for b in local]
     assert sorted(i for b in local for i in b["index"].tolist()) == list(range(16))
@@ -105,6 +98,12 @@ def test_a_streamed_run_from_a_url_takes_the_batches_and_weights_of_the_local_fo
     assert losses(tmp_path / "remote") == losses(tmp_path / "local")
     a, b = (controlnet_weights(tmp_path / name / "checkpoint-4") for name in ("local", "remote"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --cache auto on the URL: the latent cache, built from the shards at the URL, serves the live batches
+    cached = train_recording_batches(fresh_setup(tiny_config(tiny_base, memory_url, tmp_path / "cached", cache="auto",
+                                                             latent_cache_dir=str(tmp_path / "cache"), **common)))
+    assert "latent_mean" in cached[0] and [b["index"].tolist() for b in cached] == [b["index"].tolist() for b in local]
+    live, served = losses(tmp_path / "remote"), losses(tmp_path / "cached")
+    assert live.keys() == served.keys() and all(abs(live[s] - served[s]) <= 1e-5 * abs(live[s]) for s in live)
 
 
 def test_a_missing_shard_or_index_at_a_url_is_a_user_error_naming_the_flag_url_and_fix(tmp_path, memory_url):

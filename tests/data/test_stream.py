@@ -59,6 +59,17 @@ def tiny_shards(folder: Path, counts: list[int]) -> shards.ShardIndex:
     return shards.read_index(folder, "--train_data_dir")
 
 
+def break_image(tar: Path, index: int) -> None:
+    """Rewrite a tiny_shards shard with sample `index`'s image bytes no image: unreadable, the rest intact."""
+    with tarfile.open(tar) as opened:
+        members = [(m, opened.extractfile(m).read()) for m in opened.getmembers()]
+    with tarfile.open(tar, "w") as rewritten:
+        for member, data in members:
+            data = b"not a png" if member.name == f"{index:09d}.image.png" else data
+            member.size = len(data)
+            rewritten.addfile(member, io.BytesIO(data))
+
+
 def tiny_parquet(folder: Path, counts: list[int], columns=("image", "conditioning_image", "text"), **flags):
     """A `datasets` dataset of one parquet file per count (datasets' Image features, as the Hub stores them), with
     the tiny_shards samples: 8x8 images whose pixels carry the row's global index; returns its streamed index."""
@@ -296,13 +307,7 @@ def test_an_unreadable_sample_is_replaced_and_counted_and_strict_data_stops(tmp_
 
     folder = tmp_path / "set"
     tiny_shards(folder, [4, 4])
-    with tarfile.open(folder / "shard-000001.tar") as tar:  # rewrite shard 1 with sample 5's image broken
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(folder / "shard-000001.tar", "w") as tar:
-        for member, data in members:
-            data = b"not a png" if member.name == "000000005.image.png" else data
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    break_image(folder / "shard-000001.tar", 5)
     index = shards.read_index(folder, "--train_data_dir")
     dataset = stream_dataset(index, batch_size=4, shuffle_buffer=0)
     batches = epoch_batches(dataset, SimpleNamespace(epoch=0, batches_in_epoch=0), batch_size=4, seed=3,
@@ -370,10 +375,16 @@ def test_streaming_refuses_what_it_cannot_count_or_serve_naming_the_fix(tmp_path
                                         r"webdataset.*or drop --streaming"):
         streamed(folder)
     tiny_parquet(tmp_path / "ds", [2, 2])
-    for flags, refused in ((dict(max_train_samples=2), "--max_train_samples"), (dict(cache="on"), "--cache on"),
+    for flags, refused in ((dict(max_train_samples=2), "--max_train_samples"),
                            (dict(aspect_buckets="default"), "--aspect_buckets")):
         with pytest.raises(UserError, match=f"{refused} with --dataset_name .* --streaming: a stream has no random"):
             streamed(tmp_path / "ds", **flags)
+    # the latent cache serves a stream (tests/data/test_stream_cache.py), but not its --condition: on/only refused
+    assert len(streamed(tmp_path / "ds", cache="on")) == 4
+    for cache in ("on", "only"):
+        with pytest.raises(UserError, match=f"--cache {cache} with --condition and --dataset_name .* --streaming: "
+                                            r"--condition extracts .* use --cache auto .* or drop --condition"):
+            streamed(tmp_path / "ds", cache=cache, condition="canny")
     from tests.train.helpers import tiny_config
     from zeroconv.data.sources import load_examples
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def cli_args(cfg) -> list[str]:
     args = []
     for key, value in vars(cfg).items():
-        if value is None:
+        if value is None or value == []:  # unset; a flag of one or more values given none is a usage error
             continue
         args.append(f"--{key}")
         args += [str(v) for v in value] if isinstance(value, list) else [str(value)]

@@ -2,7 +2,6 @@
 checkpoints, is killed, and resumes without repeating a consumed shard (issue 16)."""
 
 import json
-import logging
 import shutil
 import signal
 
@@ -37,28 +36,27 @@ def photo_parquet(tmp_path, n: int, per_file: int):
     return out
 
 
-# kind: (its data as tiny_config's overrides, shard n's file name, the --cache auto notice)
+# kind: (its data as tiny_config's overrides, shard n's file name)
 def streamed_data(kind: str, tmp_path):
     if kind == "webdataset":
         data = prepare_shards(tmp_path, 32, 4)  # 8 shards of 4
-        return dict(train_data_dir=str(data)), lambda n: f"shard-{n:06d}.tar", "webdataset shards are streamed"
+        return dict(train_data_dir=str(data)), lambda n: f"shard-{n:06d}.tar"
     data = photo_parquet(tmp_path, 32, 4)  # 8 parquet files of 4 rows
     return (dict(train_data_dir=None, dataset_name=str(data), streaming=True),
-            lambda n: f"train-{n:05d}-of-00008.parquet", "--streaming reads the dataset as it trains")
+            lambda n: f"train-{n:05d}-of-00008.parquet")
 
 
 @pytest.mark.parametrize("kind", ["webdataset", "parquet"])
 def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_shards_only(
-        tiny_base, tmp_path, monkeypatch, caplog, kind):
-    source, shard_name, notice = streamed_data(kind, tmp_path)
-    # 2 loader workers of 4 shards each, batch 4: 8 steps an epoch; checkpoint-4 lies mid-epoch, mid-shard
+        tiny_base, tmp_path, monkeypatch, kind):
+    source, shard_name = streamed_data(kind, tmp_path)
+    # 2 loader workers of 4 shards each, batch 4: 8 steps an epoch; checkpoint-4 lies mid-epoch, mid-shard. Live
+    # (--cache off): the shards read are what this test watches (the cached stream reads none, test_stream_cache.py)
     common = dict(train_batch_size=4, dataloader_num_workers=2, shuffle_buffer=6, random_flip=True,
-                  checkpointing_steps=2, cache="auto", **source)
+                  checkpointing_steps=2, cache="off", **source)
     straight = tmp_path / "straight"
-    with caplog.at_level(logging.WARNING, logger="zeroconv.train"):
-        reference = train_recording_batches(fresh_setup(tiny_config(tiny_base, None, straight, max_train_steps=8,
-                                                                    **common)))
-    assert any(notice in r.getMessage() for r in caplog.records)  # --cache auto: off
+    reference = train_recording_batches(fresh_setup(tiny_config(tiny_base, None, straight, max_train_steps=8,
+                                                                **common)))
     epoch = [batch["index"].tolist() for batch in reference]
     assert sorted(i for batch in epoch for i in batch) == list(range(32))  # every sample once in the epoch
 
@@ -104,14 +102,41 @@ def test_a_streamed_run_killed_after_a_checkpoint_resumes_with_the_unconsumed_sh
                                     **dict(common, dataset_name=str(copy))))
 
 
-def test_two_processes_stream_unequal_shards_in_equal_steps(tiny_base, tmp_path):
-    """7 shards (the last of 2) on 2 processes: one takes 4 shards, the other 3, and both take 8 batches of 2 per
-    epoch (the shorter stream fills up), so DDP's collectives pair up and the run ends instead of hanging."""
+TWO_PROCESS_FLAGS = ("--shuffle_buffer", "3", "--checkpointing_steps", "5")
+
+
+@pytest.fixture(scope="module")
+def two_processes_live(tiny_base, tmp_path_factory):
+    """(data, output_dir) of a live 2-process run on 7 shards (the last of 2), batch 2, 10 steps; read only."""
     from tests.train.test_distributed import launch_two
 
-    data = prepare_shards(tmp_path, 26, 4)
-    out = tmp_path / "two"
-    launch_two(tiny_base, data, out, 10, "--shuffle_buffer", "3", "--checkpointing_steps", "5")
+    tmp_path = tmp_path_factory.mktemp("two_processes_live")
+    data, out = prepare_shards(tmp_path, 26, 4), tmp_path / "two"
+    launch_two(tiny_base, data, out, 10, *TWO_PROCESS_FLAGS)
+    return data, out
+
+
+def test_two_processes_stream_unequal_shards_in_equal_steps(two_processes_live):
+    """7 shards (the last of 2) on 2 processes: one takes 4 shards, the other 3, and both take 8 batches of 2 per
+    epoch (the shorter stream fills up), so DDP's collectives pair up and the run ends instead of hanging."""
+    _data, out = two_processes_live
     state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 2)  # epoch 0 was 8 steps, on both ranks
     assert state["stream"]["world_size"] == 2 and sorted(losses(out)) == list(range(1, 11))
+
+
+def test_two_processes_build_the_stream_cache_together_and_train_the_live_runs_losses(
+        tiny_base, tmp_path, two_processes_live):
+    """The same run cached (--cache on): both processes encode their share of the 7 data shards into the cache,
+    then each is served from it the batches, fill-up included, it streams live: the live losses, step by step."""
+    from tests.train.test_distributed import launch_two
+
+    data, live = two_processes_live
+    root, out = tmp_path / "cache", tmp_path / "cached"
+    launch_two(tiny_base, data, out, 10, *TWO_PROCESS_FLAGS, "--cache", "on", "--latent_cache_dir", str(root))
+    (folder,) = [f for f in root.iterdir() if (f / "manifest.json").is_file()]
+    assert sorted(f.name for f in folder.glob("shard-*")) == [f"shard-{n:05d}.safetensors" for n in range(7)]
+    expected, cached = losses(live), losses(out)
+    assert sorted(cached) == sorted(expected) == list(range(1, 11))
+    for step in expected:  # the text encoder ran at other batch compositions: equal to float rounding
+        assert abs(expected[step] - cached[step]) <= 1e-5 * abs(expected[step]), step

@@ -5,15 +5,27 @@ stores per sample the VAE posterior's mean and std (and those of the flipped ima
 condition at training resolution as uint8 (not with --condition: extractors draw new random choices every epoch,
 so those conditions are still computed per step), its size and crop (SDXL's micro-conditioning), and per distinct
 caption what the family's prompt encoder returns (a dict of tensors: SD's hidden states; SDXL's two encoders'
-hidden states and pooled embedding), and the empty prompt's. Training then draws a fresh latent from (mean, std) with the same generator calls as the live
-VAE path, and picks flips and captions with ControlNetDataset's per-(seed, epoch, index) draws: a seeded run
-feeds the UNet the same noisy latents with or without the cache.
+hidden states and pooled embedding), and the empty prompt's. Training then draws a fresh latent from (mean, std)
+with the same generator calls as the live VAE path, and picks flips and captions with ControlNetDataset's
+per-(seed, epoch, index) draws: a seeded run feeds the UNet the same noisy latents with or without the cache.
+
+Two sources, one reader (cached_item, by a sample's index):
+- A map-style dataset (ControlNetDataset) is cut into shards of about SHARD_BYTES, read by index; CachedDataset
+  serves it, replacing an unreadable sample by the next readable one as the dataset does.
+- A streamed one (zeroconv.data.stream.StreamDataset: webdataset shards, or --streaming parquet files) has no
+  random access: each data shard is read once, in order, through the stream's own reading (read_shard), into one
+  cache shard of its own, whose metadata holds its samples' captions; the manifest adds every data shard's first
+  global index and each sample's caption. CachedStream then serves the stream in its own order (its epoch's shard
+  split, shuffle buffer, fill-up, resume and replacement of unreadable samples unchanged), every item read from
+  the cache by its global index, and never opens a data shard. A streamed run with --condition would need the
+  images again every epoch, so it trains live (zeroconv.train.setup.cache_cannot_serve).
 
 On disk: `<root>/<key>/` with safetensors shards (memory-mapped when read) and manifest.json, written last. The
-key hashes the dataset's fingerprint, the base (path, configs, weight files' sizes and mtimes), resolution,
-condition channels and extractor, flip, dtype and the transform's version: change any and a new cache is built
-beside the old one, never mixed with it. Several processes split the shards, then the main one writes the
-manifest. An interrupted build keeps its finished shards in `<key>.partial/` and resumes from them.
+key hashes the dataset's fingerprint (a stream's: its shard set's), the base (path, configs, weight files' sizes
+and mtimes), resolution, condition channels and extractor, flip, dtype and the transform's version: change any
+and a new cache is built beside the old one, never mixed with it. Several processes split the shards, then the
+main one writes the manifest. An interrupted build keeps its finished shards in `<key>.partial/` and resumes from
+them.
 
 This module takes its inputs as explicit arguments; `zeroconv cache` (zeroconv.train.cache) builds them with the
 functions `zeroconv train` builds its own with (zeroconv.train.setup), so `--config run.yaml` builds exactly the
@@ -22,6 +34,7 @@ cache that `zeroconv train --config run.yaml --cache auto` will use.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -31,10 +44,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from zeroconv.data.dataset import BadSample, pick_caption
+from zeroconv.data.shards import Shard
+from zeroconv.data.stream import StreamDataset
 from zeroconv.errors import UserError
 
 logger = logging.getLogger("zeroconv.cache")
@@ -90,13 +106,32 @@ def base_identity(location: str, revision: str | None, base, vae: str | None = N
     return json.loads(json.dumps(identity, default=str))
 
 
+def samples_of(dataset):
+    """The ControlNetDataset that transforms and draws for `dataset` (itself, or a StreamDataset's)."""
+    return dataset.samples if is_streamed(dataset) else dataset
+
+
+def is_streamed(dataset) -> bool:
+    """A StreamDataset: its samples are read shard by shard, never by index."""
+    return isinstance(dataset, StreamDataset)
+
+
+def num_samples(dataset) -> int:
+    """The samples `dataset` holds: a map-style one's length; a stream's, its shards' listed counts summed (the
+    StreamDataset's own length is what one rank yields per epoch, fill-up included)."""
+    return sum(shard.samples for shard in dataset.index.shards) if is_streamed(dataset) else len(dataset)
+
+
 def cache_identity(dataset, base: dict, tokenizer_name: str | None, condition: str | None,
                    weight_dtype: torch.dtype) -> dict:
-    """The key's contents: `dataset` (a ControlNetDataset) gives the examples, resolution, channels and flip;
-    `base` is base_identity's."""
+    """The key's contents: `dataset` (a ControlNetDataset; or a StreamDataset, whose shard set's fingerprint
+    stands for the examples) gives the examples, resolution, channels and flip; `base` is base_identity's."""
+    streamed = is_streamed(dataset)
+    fingerprint = {"shards": dataset.index.fingerprint()} if streamed else dataset.examples.fingerprint()
+    dataset = samples_of(dataset)
     return {
         "format": CACHE_FORMAT,
-        "dataset": dataset.examples.fingerprint(),
+        "dataset": fingerprint,
         "base": base,
         "tokenizer_name": tokenizer_name,
         "resolution": dataset.transform.resolution,
@@ -134,6 +169,9 @@ class LatentCache:
         self.flipped = self.manifest["flipped"]
         self.unreadable = set(self.manifest["unreadable"])
         self.caption_ids = {caption: i for i, caption in enumerate(self.manifest["captions"])}
+        # a streamed source's cache: one cache shard per data shard (their first indices), captions per index
+        self.shard_starts = self.manifest.get("shard_starts")
+        self.sample_captions = self.manifest.get("sample_captions")
         self.handles: dict[str, object] = {}
 
     @classmethod
@@ -162,13 +200,27 @@ class LatentCache:
     def sample(self, index: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(posterior mean, posterior std, condition uint8 or None when computed by --condition, size_and_crop) of
         sample `index`, flipped or not."""
-        file, row = f"shard-{index // self.samples_per_shard:05d}.safetensors", index % self.samples_per_shard
+        file, row = self.locate(index)
         suffix = "_flipped" if flip else ""
         condition = self.tensor(file, "condition", row) if self.manifest["conditions"] else None
         if condition is not None and flip:
             condition = condition.flip(-1)
         return (self.tensor(file, "mean" + suffix, row), self.tensor(file, "std" + suffix, row), condition,
                 self.tensor(file, "size_and_crop" + suffix, row))
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(shard file, row) of sample `index`."""
+        if self.shard_starts is None:
+            number, row = divmod(index, self.samples_per_shard)
+        else:
+            number = bisect.bisect_right(self.shard_starts, index) - 1
+            row = index - self.shard_starts[number]
+        return f"shard-{number:05d}.safetensors", row
+
+    def caption(self, index: int, source=None) -> str | list[str]:
+        """Sample `index`'s caption (one, or a list to draw from): from the cache of a streamed source, else from
+        the map-style `source`'s examples."""
+        return self.sample_captions[index] if self.sample_captions is not None else source.examples[index].caption
 
     def prompts(self, caption: str) -> dict[str, torch.Tensor]:
         index = self.caption_ids[caption]
@@ -179,6 +231,20 @@ class LatentCache:
     def empty_prompts(self) -> dict[str, torch.Tensor]:
         """The empty prompt's encodings, [1, ...] each (what caption dropout puts in)."""
         return {name: self.tensor("empty.safetensors", name, 0)[None] for name in self.manifest["prompts"]}
+
+
+def cached_item(cache: LatentCache, index: int, draws: tuple, caption: str | list[str],
+                condition: torch.Tensor | None = None) -> dict:
+    """The training item of sample `index` from the cache, with `draws` (ControlNetDataset.draws: the flip and
+    caption draw this epoch gives it) and its `caption` (or list); `condition`: one extracted live
+    (--condition), else the cached one. Without "skipped"."""
+    flip, caption_draw, _ = draws
+    mean, std, cached_condition, size_and_crop = cache.sample(index, flip)
+    if condition is None:
+        condition = condition_to_float(cached_condition)
+    caption = pick_caption(caption, caption_draw)
+    return {"latent_mean": mean, "latent_std": std, "conditioning_pixel_values": condition,
+            "size_and_crop": size_and_crop, "prompts": cache.prompts(caption), "caption": caption, "index": index}
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -197,25 +263,19 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.cache.num_samples
 
     def __getitem__(self, index: int) -> dict:
-        from zeroconv.data.dataset import BadSample, pick_caption
-
-        flip, caption_draw, _ = self.source.draws(index)  # a random crop is refused with a cache
+        draws = self.source.draws(index)  # a random crop is refused with a cache
         for skipped in range(len(self)):
             j = (index + skipped) % len(self)
             if not self.cache.readable(j):
                 continue
-            mean, std, condition, size_and_crop = self.cache.sample(j, flip)
-            if condition is None:  # --condition: extracted per (seed, epoch, sample) as the live path does
+            condition = None
+            if not self.cache.manifest["conditions"]:  # --condition: extracted per (seed, epoch, sample) as live
                 try:
-                    condition = self.source.load(self.source.examples[j], flip, j)[1]
+                    condition = self.source.load(self.source.examples[j], draws[0], j)[1]
                 except BadSample:
                     continue
-            else:
-                condition = condition_to_float(condition)
-            caption = pick_caption(self.source.examples[j].caption, caption_draw)
-            return {"latent_mean": mean, "latent_std": std, "conditioning_pixel_values": condition,
-                    "size_and_crop": size_and_crop, "prompts": self.cache.prompts(caption), "caption": caption,
-                    "index": j, "skipped": skipped}
+            return dict(cached_item(self.cache, j, draws, self.cache.caption(j, self.source), condition),
+                        skipped=skipped)
         raise UserError(f"none of the {len(self)} training samples could be read; check the dataset's image files")
 
     @staticmethod
@@ -226,6 +286,35 @@ class CachedDataset(torch.utils.data.Dataset):
         return {**stacked, "prompts": prompts, "caption": [item["caption"] for item in batch],
                 "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
                 "skipped": sum(item["skipped"] for item in batch)}
+
+
+class CachedStream(StreamDataset):
+    """`stream`'s batches (a StreamDataset's) in its own order, with the same positions, resume, fill-up and
+    replacement of unreadable samples, each item cached_item of its global index: the data shards are never
+    opened. A module-level class, so loader workers started by spawn can unpickle it."""
+
+    def __init__(self, cache: LatentCache, stream: StreamDataset):
+        if num_samples(stream) != cache.num_samples:  # the key holds the shard set: a broken cache, not a user's
+            raise ValueError(f"{cache.folder}: {cache.num_samples} samples, the shards {num_samples(stream)}")
+        if not cache.manifest["conditions"]:  # cache_cannot_serve keeps --condition's streamed runs live
+            raise ValueError(f"{cache.folder}: no cached conditions, and a cached stream reads no image to extract "
+                             "them from")
+        self.__dict__.update(stream.__dict__)  # the stream's layout, position and draws, as build_stream made them
+        self.cache = cache
+
+    def produce(self, shards: list[Shard], starts: list[int], wanted: list[int]) -> Iterator[dict | BadSample]:
+        for position in wanted:
+            shard, index = self.global_index(shards, starts, position)
+            if not self.cache.readable(index):
+                yield BadSample(f"{shard.name} {index}", "unreadable when the latent cache was built")
+                continue
+            yield cached_item(self.cache, index, self.samples.draws(index), self.cache.caption(index))
+
+
+def serve(cache: LatentCache, dataset):
+    """(dataset, collate) that give `dataset`'s batches from `cache` (a ControlNetDataset's or a StreamDataset's)."""
+    return (CachedStream(cache, dataset) if is_streamed(dataset) else CachedDataset(cache, dataset),
+            CachedDataset.collate)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,23 +333,64 @@ class RawSamples(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        from zeroconv.data.dataset import BadSample
-
         index = self.indices[i]
-        try:
-            pixels, condition, crop = self.dataset.load(self.dataset.examples[index], False, index)
-            size_and_crop = [crop.size_and_crop(False), crop.size_and_crop(True)]
-            bad = None
-        except BadSample as exc:
-            pixels = torch.zeros(3, self.resolution, self.resolution)
-            condition, bad = torch.zeros(self.channels, self.resolution, self.resolution), (exc.label, exc.reason)
-            size_and_crop = [(0, 0, 0, 0)] * 2
-        return {"index": index, "pixels": pixels, "condition": condition.mul(255).round_().to(torch.uint8),
-                "size_and_crop": torch.tensor(size_and_crop), "bad": bad}
+        return raw_sample(self.dataset, self.dataset.examples[index], index)
+
+
+def raw_sample(dataset, example, index: int, bad: tuple[str, str] | None = None) -> dict:
+    """`example` as sample `index`, unflipped, as `dataset` (a ControlNetDataset) transforms it, or a note that it
+    cannot be read (`bad`: already known so); with its caption (or list). What every cache shard is built from."""
+    resolution, channels = dataset.transform.resolution, dataset.transform.conditioning_channels
+    try:
+        if bad is not None:
+            raise BadSample(*bad)
+        pixels, condition, crop = dataset.load(example, False, index)
+        size_and_crop = [crop.size_and_crop(False), crop.size_and_crop(True)]
+    except BadSample as exc:
+        pixels = torch.zeros(3, resolution, resolution)
+        condition, bad = torch.zeros(channels, resolution, resolution), (exc.label, exc.reason)
+        size_and_crop = [(0, 0, 0, 0)] * 2
+    return {"index": index, "pixels": pixels, "condition": condition.mul(255).round_().to(torch.uint8),
+            "size_and_crop": torch.tensor(size_and_crop), "bad": bad,
+            "caption": example.caption if example is not None else ""}
+
+
+def streamed_raw(stream, shard, batch_size: int):
+    """Batches (collate_raw's) of one data shard's samples, read in order through the stream's own shard reading
+    (zeroconv.data.stream.read_shard and the index's fields): a streamed source is never read by index."""
+    from zeroconv.data.dataset import describe
+    from zeroconv.data.sources import Example
+    from zeroconv.data.stream import read_shard  # looked up at each call: the one place a shard is opened
+
+    index, batch, found = stream.index, [], 0
+    samples = read_shard(index, shard)
+    try:
+        for offset, sample in enumerate(samples):
+            if offset >= shard.samples:
+                break
+            found, number = offset + 1, shard.first_index + offset
+            try:
+                image, condition, caption = index.fields(sample)
+                batch.append(raw_sample(stream.samples, Example(image, condition, caption, f"{shard.name} {number}"),
+                                        number))
+            except ValueError as exc:
+                batch.append(raw_sample(stream.samples, None, number, (f"{shard.name} {number}", describe(exc))))
+            if len(batch) == batch_size:
+                yield collate_raw(batch)
+                batch = []
+    finally:
+        close = getattr(samples, "close", None)
+        if close is not None:
+            close()
+    if found != shard.samples:
+        raise index.wrong_count(shard, found)
+    if batch:
+        yield collate_raw(batch)
 
 
 def collate_raw(batch: list[dict]) -> dict:
     return {"index": [item["index"] for item in batch], "bad": [item["bad"] for item in batch],
+            "caption": [item["caption"] for item in batch],
             "pixels": torch.stack([item["pixels"] for item in batch]),
             "condition": torch.stack([item["condition"] for item in batch]),
             "size_and_crop": torch.stack([item["size_and_crop"] for item in batch])}
@@ -300,22 +430,30 @@ class Encoders:
         return {name: torch.cat(values) for name, values in out.items()}
 
 
-def save_atomic(tensors: dict, path: Path) -> None:
+def save_atomic(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
 def build_shard(path: Path, dataset, indices: range, encoders: Encoders, flipped: bool, strict_data: bool,
                 num_workers: int, progress) -> list[int]:
-    """Encode samples `indices` into one shard file; returns the unreadable ones."""
+    """Encode samples `indices` of a map-style `dataset` into one shard file; returns the unreadable ones."""
     loader = torch.utils.data.DataLoader(RawSamples(dataset, indices), batch_size=encoders.batch_size,
                                          num_workers=num_workers, collate_fn=collate_raw)
+    return encode_shard(path, loader, dataset, encoders, flipped, strict_data, progress)
+
+
+def encode_shard(path: Path, batches, dataset, encoders: Encoders, flipped: bool, strict_data: bool,
+                 progress) -> list[int]:
+    """Encode the raw `batches` (collate_raw's, of a map-style or a streamed source) into one shard file, with the
+    samples' captions in its metadata; returns the unreadable ones."""
     parts: dict[str, list] = {}
-    unreadable = []
-    for batch in loader:
+    unreadable, captions = [], []
+    for batch in batches:
+        captions += batch["caption"]
         for index, bad in zip(batch["index"], batch["bad"]):
             if bad is None:
                 continue
@@ -338,7 +476,7 @@ def build_shard(path: Path, dataset, indices: range, encoders: Encoders, flipped
         progress.update(len(batch["index"]))
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     tensors["unreadable"] = torch.tensor(unreadable + [-1], dtype=torch.long)  # -1: safetensors has no empty
-    save_atomic(tensors, path)
+    save_atomic(tensors, path, {"captions": json.dumps(captions)})
     return unreadable
 
 
@@ -351,8 +489,10 @@ def shard_size(dataset, flipped: bool, batch_size: int, latent_bytes: int) -> in
 
 def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders, *, flipped: bool,
                 strict_data: bool = False, num_workers: int = 0) -> LatentCache:
-    """Encode `dataset` (a ControlNetDataset) into `folder`. Every process of the run calls this: each builds
-    its share of the shards, then the main process encodes the captions and writes the manifest."""
+    """Encode `dataset` into `folder`. Every process of the run calls this: each builds its share of the shards,
+    then the main process encodes the captions and writes the manifest. A ControlNetDataset is cut into shards of
+    about SHARD_BYTES; a StreamDataset gives one cache shard per data shard, each read in order (never by index),
+    and its per-index captions go into the manifest."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -360,34 +500,46 @@ def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders,
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)
+    stream = dataset if is_streamed(dataset) else None
+    dataset = samples_of(dataset)
+    n = num_samples(stream or dataset)
     r = dataset.transform.resolution
     latent_channels = encoders.vae.config.latent_channels
     scale = 2 ** (len(encoders.vae.config.block_out_channels) - 1)
     latent_bytes = latent_channels * (r // scale) ** 2 * torch.finfo(encoders.vae.dtype).bits // 8
     per_shard = shard_size(dataset, flipped, encoders.batch_size, latent_bytes)
-    shards = [range(start, min(start + per_shard, n)) for start in range(0, n, per_shard)]
+    shards = ([range(s.first_index, s.first_index + s.samples) for s in stream.index.shards] if stream else
+              [range(start, min(start + per_shard, n)) for start in range(0, n, per_shard)])
     mine = [s for s in range(len(shards)) if s % state.num_processes == state.process_index]
     todo = [s for s in mine if not (partial / f"shard-{s:05d}.safetensors").is_file()]
     with tqdm(total=sum(len(shards[s]) for s in todo), desc="cache latents", unit="img",
               disable=not state.is_local_main_process, dynamic_ncols=True) as progress:
         for s in todo:
-            build_shard(partial / f"shard-{s:05d}.safetensors", dataset, shards[s], encoders, flipped, strict_data,
-                        num_workers, progress)
+            path = partial / f"shard-{s:05d}.safetensors"
+            if stream is None:
+                build_shard(path, dataset, shards[s], encoders, flipped, strict_data, num_workers, progress)
+            else:
+                encode_shard(path, streamed_raw(stream, stream.index.shards[s], encoders.batch_size), dataset,
+                             encoders, flipped, strict_data, progress)
     state.wait_for_everyone()
     if state.is_main_process:
-        write_captions(partial, dataset, encoders)
-        unreadable = []
+        unreadable, sample_captions = [], []
         from safetensors import safe_open
 
         for s in range(len(shards)):
             with safe_open(str(partial / f"shard-{s:05d}.safetensors"), framework="pt") as handle:
                 unreadable += [i for i in handle.get_tensor("unreadable").tolist() if i >= 0]
+                if stream is not None:
+                    sample_captions += json.loads(handle.metadata()["captions"])
+        write_captions(partial, sample_captions if stream is not None else
+                       [dataset.examples[i].caption for i in range(len(dataset.examples))], encoders)
         captions = json.loads((partial / "captions.json").read_text())
         manifest = {"identity": identity, "key": cache_key(identity), "num_samples": n, "samples_per_shard": per_shard,
                     "captions_per_shard": captions["per_shard"], "captions": captions["captions"],
                     "prompts": captions["prompts"],
                     "flipped": flipped, "conditions": dataset.condition_fn is None, "unreadable": sorted(unreadable), "dtype": str(encoders.dtype)}
+        if stream is not None:
+            manifest.update(shard_starts=[s.first_index for s in stream.index.shards], sample_captions=sample_captions)
         (partial / "manifest.json").write_text(json.dumps(manifest))
         if folder.exists():  # an incomplete or foreign leftover under the same name
             shutil.rmtree(folder)
@@ -396,10 +548,10 @@ def build_cache(folder: str | Path, identity: dict, dataset, encoders: Encoders,
     return LatentCache(folder)
 
 
-def write_captions(folder: Path, dataset, encoders: Encoders) -> None:
-    """Every distinct caption's encodings (first-seen order) and the empty prompt's, sharded."""
-    captions = list(dict.fromkeys(c for i in range(len(dataset.examples))
-                                  for c in as_list(dataset.examples[i].caption)))
+def write_captions(folder: Path, sample_captions: list, encoders: Encoders) -> None:
+    """Every distinct caption's encodings (first-seen order) and the empty prompt's, sharded; `sample_captions`:
+    each sample's caption or list of captions, in index order."""
+    captions = list(dict.fromkeys(c for caption in sample_captions for c in as_list(caption)))
     per_shard = max(1, SHARD_BYTES // (sum(math.prod(shape) for shape in encoders.prompt_shape.values()) * 4))
     for s, start in enumerate(range(0, len(captions), per_shard)):
         save_atomic(encoders.prompts(captions[start:start + per_shard]), folder / f"captions-{s:05d}.safetensors")
@@ -419,13 +571,15 @@ class CacheUnavailable(Exception):
 def estimated_bytes(dataset, encoders: Encoders, flipped: bool) -> int:
     """About what the cache of `dataset` takes on disk: every sample's latents and condition, every caption's
     encodings (at most one a sample)."""
+    n = num_samples(dataset)
+    dataset = samples_of(dataset)
     r = dataset.transform.resolution
     scale = 2 ** (len(encoders.vae.config.block_out_channels) - 1)
     latent_bytes = encoders.vae.config.latent_channels * (r // scale) ** 2 * torch.finfo(encoders.vae.dtype).bits // 8
     condition_bytes = r * r * dataset.transform.conditioning_channels if dataset.condition_fn is None else 0
     per_sample = condition_bytes + latent_bytes * (4 if flipped else 2)  # mean and std, and their mirror images
     per_caption = sum(math.prod(shape) for shape in encoders.prompt_shape.values()) * torch.finfo(encoders.dtype).bits // 8
-    return len(dataset) * (per_sample + per_caption)
+    return n * (per_sample + per_caption)
 
 
 def check_room(root: Path, needed: int) -> None:
@@ -462,7 +616,7 @@ def open_or_build(root: str | Path, identity: dict, dataset, encoders: Encoders,
         if cache is not None:
             logger.info("latent cache: reusing %s, built meanwhile by another run", folder)
             return cache
-        logger.info("latent cache: building %s (%d samples, about %s MiB)", folder, len(dataset),
+        logger.info("latent cache: building %s (%d samples, about %s MiB)", folder, num_samples(dataset),
                     f"{needed / 2**20:,.1f}")
         try:
             return build_cache(folder, identity, dataset, encoders, flipped=flipped, strict_data=strict_data,

@@ -298,16 +298,25 @@ class ShardExamples(Examples):
         return self.index.fingerprint()
 
 
+# Why a streamed run with --condition encodes live (zeroconv.train.setup.cache_cannot_serve) and refuses --cache
+# on/only (refuse_for_stream).
+STREAMED_CONDITION = ("--condition extracts each epoch's conditions from the images, and a streamed run the latent "
+                      "cache serves reads no image")
+
+
 def refuse_for_stream(cfg, where: str, fix: str) -> None:
-    """The options a stream cannot serve (they need every sample up front), refused naming `fix`."""
+    """The options a stream cannot serve (they need every sample up front), refused naming `fix`; and --cache
+    on/only with --condition, which the latent cache cannot serve from a stream."""
     refused = {"--aspect_buckets": cfg.aspect_buckets is not None,
                "--conditioning_image_columns": bool(union_columns(cfg)),
-               "--max_train_samples": cfg.max_train_samples is not None,
-               f"--cache {cfg.cache}": cfg.cache in ("on", "only")}
+               "--max_train_samples": cfg.max_train_samples is not None}
     for option, given in refused.items():
         if given:
             raise UserError(f"{option} with {where}: a stream has no random access to every sample up front; drop "
                             f"the option, or {fix}")
+    if cfg.condition and cfg.cache in ("on", "only"):
+        raise UserError(f"--cache {cfg.cache} with --condition and {where}: {STREAMED_CONDITION}; use --cache auto "
+                        "(which streams such a run live) or --cache off, or drop --condition")
 
 
 def open_shards(folder: Path, cfg, flag: str) -> ShardExamples:

@@ -35,6 +35,9 @@ neither lost nor repeated, and a resumed run takes exactly the batches, in the o
 
 An unreadable sample is replaced by the stream's previous readable one (or, at a stream's start, the next),
 counted in the batch's "skipped"; --strict_data raises instead.
+
+With the latent cache, zeroconv.data.cache.CachedStream is this class with `produce` reading each position's
+sample from the cache by its global index: all of the above holds unchanged, and no shard is opened.
 """
 
 from __future__ import annotations
@@ -152,18 +155,11 @@ class StreamDataset(torch.utils.data.IterableDataset):
         # one pass per round of the order (the fill-up repeats it), each reading the shards once, in order
         for begin in range(0, len(order), count):
             wanted = order[max(begin, consumed):begin + count]
-            for position, sample in self.read(shards, starts, wanted):
-                number = bisect.bisect_right(starts, position) - 1
-                shard = shards[number]
-                index = shard.first_index + position - starts[number]
-                try:
-                    image, condition, caption = self.index.fields(sample)
-                    item = self.samples.item(Example(image, condition, caption, f"{shard.name} {index}"), index)
-                except (BadSample, ValueError) as exc:
-                    bad = exc if isinstance(exc, BadSample) else BadSample(f"{shard.name} {index}", describe(exc))
+            for item in self.produce(shards, starts, wanted):
+                if isinstance(item, BadSample):
                     if self.samples.strict_data:
-                        raise strict_error(bad) from None
-                    logger.warning("skipping unreadable sample %s (%s)", bad.label, bad.reason)
+                        raise strict_error(item) from None
+                    logger.warning("skipping unreadable sample %s (%s)", item.label, item.reason)
                     if previous is None:
                         owed += 1
                     else:
@@ -177,6 +173,23 @@ class StreamDataset(torch.utils.data.IterableDataset):
         if owed:
             raise UserError(f"none of the samples of shards {', '.join(s.name for s in shards)} could be read; "
                             "check them, or prepare them again")
+
+    @staticmethod
+    def global_index(shards: list[Shard], starts: list[int], position: int) -> tuple[Shard, int]:
+        """The shard a stream position lies in, and the sample's global index."""
+        number = bisect.bisect_right(starts, position) - 1
+        return shards[number], shards[number].first_index + position - starts[number]
+
+    def produce(self, shards: list[Shard], starts: list[int], wanted: list[int]) -> Iterator[dict | BadSample]:
+        """The item (without "skipped") of each `wanted` position, in that order, or the BadSample it raised:
+        read from the shards and transformed here; from the latent cache in zeroconv.data.cache.CachedStream."""
+        for position, sample in self.read(shards, starts, wanted):
+            shard, index = self.global_index(shards, starts, position)
+            try:
+                image, condition, caption = self.index.fields(sample)
+                yield self.samples.item(Example(image, condition, caption, f"{shard.name} {index}"), index)
+            except (BadSample, ValueError) as exc:
+                yield exc if isinstance(exc, BadSample) else BadSample(f"{shard.name} {index}", describe(exc))
 
     def read(self, shards: list[Shard], starts: list[int], wanted: list[int]) -> Iterator[tuple[int, dict]]:
         """(position, raw sample) for each of the `wanted` positions (distinct), in that order. Shards none of them

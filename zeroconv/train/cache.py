@@ -19,10 +19,11 @@ logger = logging.getLogger("zeroconv.cache")
 
 def build_for_training(cfg: TrainConfig) -> LatentCache:
     """Build (or find) the cache that `zeroconv train` with the same flags and --cache auto would use."""
-    from zeroconv.data.sources import load_examples
+    from zeroconv.data.sources import STREAMED_CONDITION, ShardExamples, load_examples
     from zeroconv.models.dtypes import weight_dtype
     from zeroconv.models.locate import check_base_arg
-    from zeroconv.train.setup import build_dataset, latent_cache, load_frozen_base, make_accelerator, run_seed
+    from zeroconv.train.setup import (build_dataset, build_stream, latent_cache, load_frozen_base, make_accelerator,
+                                      run_seed)
 
     check_base_arg(cfg.pretrained_model_name_or_path, revision=cfg.revision, cache_dir=cfg.cache_dir)
     for flag, value in (("random_crop", cfg.random_crop), ("aspect_buckets", cfg.aspect_buckets)):
@@ -32,7 +33,13 @@ def build_for_training(cfg: TrainConfig) -> LatentCache:
     examples = load_examples(cfg)
     accelerator = make_accelerator(cfg, tracking=False)
     seed = run_seed(cfg)
-    dataset = build_dataset(cfg, examples, seed)
+    streamed = isinstance(examples, ShardExamples)
+    if streamed and cfg.condition:  # `zeroconv train --cache auto` streams these live
+        raise UserError(f"zeroconv cache --condition with {examples.index.where}: {STREAMED_CONDITION}; `zeroconv "
+                        "train` streams such a run live, with no cache to build, or drop --condition to cache the "
+                        "shards' own conditioning images")
+    # webdataset shards and --streaming: a cache shard per data shard, each read once in order as the stream reads it
+    dataset = build_stream(cfg, examples, seed, accelerator) if streamed else build_dataset(cfg, examples, seed)
     dtype = weight_dtype(accelerator.mixed_precision)
     # loaded in the training dtype, as the encoders of `zeroconv train` hold it (a cast after loading makes
     # diffusers warn, and gives the same weights)

@@ -18,7 +18,7 @@ from zeroconv.config import TrainConfig, save_yaml, to_dict, union_columns, unio
 from zeroconv.data.cache import LatentCache
 from zeroconv.data.dataset import ControlNetDataset
 from zeroconv.data.shards import is_shard_folder
-from zeroconv.data.sources import Examples, ShardExamples
+from zeroconv.data.sources import STREAMED_CONDITION, Examples, ShardExamples
 from zeroconv.data.stream import StreamDataset
 from zeroconv.errors import UserError
 from zeroconv.models.base import Base
@@ -61,9 +61,8 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
 def build_dataset(cfg: TrainConfig, examples: Examples, seed: int) -> ControlNetDataset:
     from zeroconv.data.transforms import PairedTransform
 
-    if isinstance(examples, ShardExamples):  # `zeroconv cache`: train streams shards through build_stream
-        raise UserError(f"{examples.index.where}: streamed, and a latent cache is built from every sample up front; "
-                        "train on it with --cache auto (live), or cache a folder layout")
+    if isinstance(examples, ShardExamples):  # no random access: train and `zeroconv cache` use build_stream
+        raise TypeError(f"{examples.index.where} is streamed: its dataset is build_stream's, not build_dataset's")
     condition_fn = None
     if cfg.condition:
         from zeroconv.data.conditions import get_extractor
@@ -126,9 +125,10 @@ def frozen_dtypes(base: Base, dtype: torch.dtype) -> dict:
             base.vae: base.family.vae_dtype(base, dtype)}
 
 
-def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
+def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset | StreamDataset, base: Base, device: torch.device,
                  dtype: torch.dtype) -> LatentCache:
-    """The cache of `dataset` through `base`'s encoders in `dtype`: reused when complete, else built."""
+    """The cache of `dataset` through `base`'s encoders in `dtype`: reused when complete, else built (a streamed
+    one: a cache shard per data shard, each data shard read once, in order)."""
     from zeroconv.data import cache
     from zeroconv.models.locate import resolve_base
 
@@ -152,18 +152,16 @@ def latent_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, devic
 
 
 def cache_cannot_serve(cfg: TrainConfig) -> str | None:
-    """Why no latent cache can serve this run whatever --cache says (check_train_config refuses on/only for these,
-    so only auto meets them), or None."""
+    """Why no latent cache can serve this run whatever --cache says (check_train_config, and for a stream
+    zeroconv.data.sources.refuse_for_stream, refuse on/only for these, so only auto meets them), or None."""
     if cfg.random_crop:
         return "--random_crop moves the crop every epoch and a cache holds one"
     if cfg.aspect_buckets is not None:
         return "--aspect_buckets gives latents of varying shapes and a cache holds one square crop per image"
     if union_columns(cfg):
         return "--conditioning_image_columns gives several conditions per image and a cache holds one"
-    if is_shard_folder(cfg.train_data_dir or cfg.dataset_name):
-        return "webdataset shards are streamed and a cache is built from every sample up front"
-    if cfg.streaming:
-        return "--streaming reads the dataset as it trains and a cache is built from every sample up front"
+    if cfg.condition and (cfg.streaming or is_shard_folder(cfg.train_data_dir or cfg.dataset_name)):
+        return STREAMED_CONDITION
     return None
 
 
@@ -172,7 +170,7 @@ def may_use_cache(cfg: TrainConfig) -> bool:
     return cfg.cache != "off" and cache_cannot_serve(cfg) is None
 
 
-def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset, base: Base, device: torch.device,
+def usable_cache(cfg: TrainConfig, dataset: ControlNetDataset | StreamDataset, base: Base, device: torch.device,
                  dtype: torch.dtype) -> LatentCache | None:
     """The run's latent cache per --cache, or None to encode live. The default, auto, never stops a run: where a
     cache cannot serve it, one line says why and training goes on uncached."""
@@ -486,11 +484,12 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
     if cache is None:
         encoders = LiveEncoders(base, accelerator.device, dtype)
     else:  # the cache's latents and embeddings replace the images and captions; the encoders leave the device
-        from zeroconv.data.cache import CachedDataset
+        from zeroconv.data.cache import serve
 
         # the VAE and text encoder end up on the CPU, off the training device, until validation borrows them
         encoders = CachedEncoders(cache.empty_prompts, base, accelerator.device, dtype)
-        dataset, collate = CachedDataset(cache, dataset), CachedDataset.collate
+        # a streamed run keeps its stream's order and position; its items come from the cache by global index
+        dataset, collate = serve(cache, dataset)
     batches = epoch_batches(dataset, state, batch_size=cfg.train_batch_size, seed=seed,
                             num_workers=cfg.dataloader_num_workers, collate_fn=collate,
                             rank=accelerator.process_index, world_size=accelerator.num_processes,
