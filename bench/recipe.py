@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+
 # issue 18's levers, each alone over zeroconv's defaults, and the paper's settings to beat
 RECIPES = {
     "defaults": "",
@@ -98,6 +99,8 @@ def first_step(history: list[dict], key: str, above: float) -> int | None:
 
 
 def figures(out: Path, score_steps: list[int]) -> dict:
+    from zeroconv.demo import first_step_with_control
+
     summary = json.loads((out / "summary.json").read_text())
     history = summary["history"]
     by_step = {row["step"]: row for row in history}
@@ -107,7 +110,7 @@ def figures(out: Path, score_steps: list[int]) -> dict:
                          f"{summary['config']['validation_steps']} steps)")
     return {"fill_iou": {s: by_step[s]["fill_iou"] for s in score_steps},
             "circle_color": history[-1]["circle_color_accuracy"],
-            "control_step": next((row["step"] for row in history if row["fill_iou"] > 0.5), None),
+            "control_step": first_step_with_control(history),
             "reached_step": first_step(history, "fill_iou", 0.8),
             "baseline": summary["baseline"]["fill_iou"]}
 
