@@ -16,6 +16,14 @@ Configs (bases built in code, random weights, by zeroconv.bench.build_base; Fill
 - tiny: zeroconv.testing's tiny SD base, 64 px training on 64 px data.
 - base256: a 3-level UNet (64/128/256 channels, zeroconv bench's "small"), 256 px training on data stored at
   512 px: the proportions of SD 1.5 (512 px training, 8x latent grid 64) on Fill50K, at a CPU's scale.
+- sd15 (for a GPU): SD 1.5's shape (860M UNet, SD's VAE, a 12-layer CLIP), random weights, 512 px training on
+  512 px data; add `--extra "--mixed_precision bf16"` to race in bf16 (both programs take accelerate's flag).
+  It is refused without CUDA: one step of it takes minutes on a CPU. The GPU race, on a machine with diffusers'
+  script beside it:
+
+      python bench/race.py --peer PATH/train_controlnet.py --configs sd15 --pairs 3 --steps 200 \
+          --extra "--mixed_precision bf16" --json race-gpu.json
+
 The peer runs as published (bench/peer_env only supplies the torchvision pieces it imports); nothing of it is in
 this repo. A zeroconv run's first pair builds its latent cache; a cache found from an earlier pair is reused, as a
 user's second run reuses it: the table says which runs built one.
@@ -39,7 +47,8 @@ sys.path.insert(0, str(HERE))
 from learn_race import train_command, write_fill_imagefolder  # noqa: E402  (the same launcher and data)
 
 # name: (base, training resolution, stored resolution, examples)
-CONFIGS = {"tiny": ("tiny", 64, 64, 1000), "base256": ("small", 256, 512, 400)}
+CONFIGS = {"tiny": ("tiny", 64, 64, 1000), "base256": ("small", 256, 512, 400), "sd15": ("sd15", 512, 512, 400)}
+GPU_ONLY = {"sd15"}
 FLAGS = "--train_batch_size 16 --learning_rate 1e-5 --lr_scheduler constant --checkpointing_steps 100000"
 
 
@@ -57,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer", required=True, help="diffusers' examples/controlnet/train_controlnet.py")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["tiny", "base256"],
-                        help="(default: tiny base256)")
+                        help="tiny, base256 (CPU or GPU), sd15 (GPU only) (default: tiny base256)")
     parser.add_argument("--pairs", type=int, default=3, help="alternated pairs per config (default: 3)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run (default: 200)")
     parser.add_argument("--extra", default="", help="flags added to both programs (default: none)")
@@ -67,6 +76,13 @@ def main() -> None:
     if not Path(args.peer).is_file():
         parser.error(f"--peer {args.peer}: no such file; fetch examples/controlnet/train_controlnet.py from a "
                      "diffusers checkout")
+    gpu_only = sorted(GPU_ONLY.intersection(args.configs))
+    if gpu_only:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--configs {' '.join(gpu_only)}: needs a CUDA GPU (none is visible to torch here); "
+                         "race tiny and base256 on a CPU")
     from zeroconv.bench import build_base
 
     work = Path(args.work).resolve()

@@ -21,12 +21,15 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# run as a file (`python bench/recipe.py`), bench/ is not a package on the path: the repo root makes it one
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.learn_race import summarize  # noqa: E402  mean (min-max), as the learning race prints it
 
 
 # issue 18's levers, each alone over zeroconv's defaults, and the paper's settings to beat
@@ -115,10 +118,6 @@ def figures(out: Path, score_steps: list[int]) -> dict:
             "baseline": summary["baseline"]["fill_iou"]}
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ({min(values):.2f}-{max(values):.2f})"
-
-
 def table(results: dict[str, dict[int, dict]], score_steps: list[int], target: float) -> str:
     header = ["recipe", *(f"@{s}" for s in score_steps), "circle color @end", "control at (seeds)",
               f">= {target} at (seeds)"]
@@ -126,8 +125,8 @@ def table(results: dict[str, dict[int, dict]], score_steps: list[int], target: f
     for name, seeds in results.items():
         runs = [seeds[s] for s in sorted(seeds)]
         steps = lambda key: " / ".join("-" if r[key] is None else str(r[key]) for r in runs)  # noqa: E731
-        rows.append([name, *(spread([r["fill_iou"][s] for r in runs]) for s in score_steps),
-                     spread([r["circle_color"] for r in runs]), steps("control_step"), steps("reached_step")])
+        rows.append([name, *(summarize([r["fill_iou"][s] for r in runs]) for s in score_steps),
+                     summarize([r["circle_color"] for r in runs]), steps("control_step"), steps("reached_step")])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault(name, {})[seed] = {**figures(out, args.score_steps), "wall_seconds": wall}
     baseline = [r["baseline"] for seeds in results.values() for r in seeds.values()]
     print(f"\nheld-out fill IoU on the demo task, mean (min-max) over seeds {args.seeds}; the toy base alone: "
-          f"{spread(baseline)}; control = fill IoU above 0.5")
+          f"{summarize(baseline)}; control = fill IoU above 0.5")
     print(table(results, args.score_steps, args.target))
     print("\nrecipes: " + "; ".join(f"{name}: {flags or 'zeroconv train defaults'}" for name, flags in recipes.items()))
     if args.json:

@@ -239,6 +239,19 @@ class WeightAverage:
             p.copy_(s)
 
 
+def descend(loss: torch.Tensor, params, optimizer, schedule, average: WeightAverage, step: int, bar) -> None:
+    """One optimizer step of a toy base's training (the UNet here, the toy SD3/Flux transformers in toy_flow):
+    backward, clip to norm 1, step, schedule, average; the loss on the bar every 10 steps."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    average.update(step)
+    if step % 10 == 0:
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float, captions: list[str],
                cfg: ToyBaseConfig, generator: torch.Generator, resume: Path | None = None,
                checkpoint=None) -> None:
@@ -284,15 +297,7 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, scaling_factor: float
         if cfg.snr_gamma > 0:  # min-SNR weighting in its v-prediction form (Hang et al. 2023): finite at SNR 0
             snr = compute_snr(noise_scheduler, timesteps)
             loss = loss * torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1)
-        loss = loss.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        average.update(step)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        descend(loss.mean(), params, optimizer, schedule, average, step, bar)
         done = step + 1
         if checkpoint and (done == cfg.unet_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             checkpoint(done, optimizer, schedule, average)

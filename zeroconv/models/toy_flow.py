@@ -102,7 +102,7 @@ def make_toy_flow_base(out: str | Path, family_name: str, steps: int = 1200, bat
     from zeroconv.models.latents import sample_latents
     from zeroconv.models.noise import NoiseRecipe
     from zeroconv.models.parts import Base
-    from zeroconv.models.toy_base import WeightAverage, draw_training_set, encode_all, warmup_cosine
+    from zeroconv.models.toy_base import WeightAverage, descend, draw_training_set, encode_all, warmup_cosine
 
     started = time.perf_counter()
     out = Path(out)
@@ -134,15 +134,7 @@ def make_toy_flow_base(out: str | Path, family_name: str, steps: int = 1200, bat
         pred = base.family.denoise(transformer, None, noisy, timesteps,
                                    {name: value[index] for name, value in prompts.items()}, None)
         per_sample = torch.nn.functional.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * weights).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        average.update(step)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        descend((per_sample * weights).mean(), transformer.parameters(), optimizer, schedule, average, step, bar)
     average.copy_to_model()
     transformer.eval()
     pipeline_class(scheduler=scheduler, **modules).save_pretrained(out, safe_serialization=True)
