@@ -281,6 +281,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="an extra zeroconv run with these flags added (repeatable)")
     parser.add_argument("--skip_peer", action="store_true", help="race only zeroconv's runs (a variant study)")
+    parser.add_argument("--skip_same_start", action="store_true",
+                        help="leave out the 'zeroconv' row (zeroconv from the peer's paper-init start) and race only "
+                             "the variants, e.g. own=\"--condition_encoder_init unit_variance\"")
     parser.add_argument("--jobs", type=int, default=1,
                         help="trainings run at once, each with CPU cores / jobs threads; on a small CPU two 1-thread "
                         "runs of the toy base finish sooner than two 2-thread runs in turn (default: 1)")
@@ -290,6 +293,8 @@ def main() -> None:
                         "(issue 18's fill IoU 0.80; score more steps for a finer figure) (default: 0.8)")
     parser.add_argument("--json", default=None, help="also write every figure here")
     args = parser.parse_args()
+    if args.skip_same_start and not args.variant:
+        parser.error("--skip_same_start leaves no zeroconv run: add a --variant NAME=\"FLAGS\"")
     if not args.skip_peer and not Path(args.peer).is_file():
         parser.error(f"--peer {args.peer}: no such file; fetch examples/controlnet/train_controlnet.py from a "
                      "diffusers checkout")
@@ -303,7 +308,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     resolution = int(shlex.split(args.flags)[shlex.split(args.flags).index("--resolution") + 1])
     data, held = write_data(work, args.task, args.train_examples, args.held_out, resolution)
-    programs = ([] if args.skip_peer else [("peer", "peer", [])]) + [("zeroconv", "zeroconv", [])]
+    programs = (([] if args.skip_peer else [("peer", "peer", [])])
+                + ([] if args.skip_same_start else [("zeroconv", "zeroconv", [])]))
     for spec in args.variant:
         name, _, flags = spec.partition("=")
         programs.append((f"zeroconv {name}", "zeroconv", shlex.split(flags)))
