@@ -1,4 +1,4 @@
-"""Control is learned, not just run (issue 13): after 50 steps on Fill (the condition is a circle's outline), the
+"""Control is learned, not just run (issue 13): after 100 steps on Fill (the condition is a circle's outline), the
 held-out diffusion loss with the true conditions is below the loss with the conditions shuffled among the samples,
 on the toy base (SD) and the toy base dressed as SDXL. bench/control_learned.py prints the figures (and runs
 longer); the margin below sits well inside the gaps it printed for this configuration (bench/RESULTS.md)."""
@@ -7,7 +7,7 @@ import pytest
 
 from bench.control_learned import measure
 
-STEPS = 50
+STEPS = 100  # the shipped toy base at 50 steps of 400 examples: gap 0.04 (SD) and 0.002 (SDXL), not yet reading it
 TRAIN_EXAMPLES = 400
 MARGIN = 0.15
 
