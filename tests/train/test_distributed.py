@@ -73,8 +73,11 @@ def test_two_processes_at_half_the_batch_train_the_model_of_one_process(tiny_bas
     a, b = controlnet_weights(two / "without_ema"), controlnet_weights(one)  # the trained weights (two: --use_ema)
     moved = [k for k in a if not torch.equal(a[k], controlnet_weights(two / "checkpoint-2")[k])]
     assert moved  # the weights trained on, so agreeing is not the trivial agreement of untouched copies
+    # atol lr / 10: where a gradient is the size of AdamW's eps (1e-8), its update lr * g / (|g| + eps) turns a
+    # last-bit difference of the all-reduce's summation order into a part of lr (1.3e-6 seen on one weight of 2,304,
+    # as bench/step_compare.py shows against the peer); a step on other samples or draws differs by about lr
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     two_losses, one_losses = losses(two), losses(one)
     assert two_losses.keys() == one_losses.keys() == {1, 2, 3, 4}
     assert all(two_losses[s] == pytest.approx(one_losses[s], rel=1e-5) for s in two_losses)  # the mean of both ranks
