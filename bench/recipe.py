@@ -67,7 +67,8 @@ def demo_command(flags: str, seed: int, out: Path, max_train_steps: int, demo_fl
         i = j
     command = [sys.executable, "-m", "zeroconv", "demo", "--output_dir", str(out), "--seed", str(seed),
                "--max_train_steps", str(max_train_steps), *shlex.split(demo_flags), *own]
-    return command + (["--train_flags", shlex.join(train)] if train else [])
+    # one token with "=": as two, flags alone ("--use_ema") would read as an option of the demo, not its value
+    return command + ([f"--train_flags={shlex.join(train)}"] if train else [])
 
 
 def finished(out: Path, command: list[str]) -> bool:
