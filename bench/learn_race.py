@@ -350,19 +350,20 @@ def main() -> None:
     print(f"\nheld-out {key} ({args.held_out} examples), mean (min-max) over seeds {args.seeds}; toy base, "
           f"{args.train_examples} {args.task} examples, flags: {args.flags}")
     modes = list(next(iter(next(iter(results.values())).values())))
-    print(f"{'program':<28}{'sampled with':<14}" + "".join(f"{'step ' + str(s):>20}" for s in args.score_steps)
+    width = max(len("program"), *map(len, results)) + 2  # a long variant name keeps its own column
+    print(f"{'program':<{width}}{'sampled with':<14}" + "".join(f"{'step ' + str(s):>20}" for s in args.score_steps)
           + f"{'train wall s':>14}{'>= ' + format(args.target, 'g') + ' at step':>22}")
     for label, by_seed in results.items():
         for mode in modes:
             cells = "".join(f"{summarize([by_seed[s][mode][step] for s in args.seeds]):>20}"
                             for step in args.score_steps)
             reached = "/".join(first_reaching(by_seed[s][mode], args.target) for s in args.seeds)
-            print(f"{label:<28}{mode:<14}{cells}{statistics.fmean(walls[label]):>14.0f}{reached:>22}")
+            print(f"{label:<{width}}{mode:<14}{cells}{statistics.fmean(walls[label]):>14.0f}{reached:>22}")
     print("\nper seed:")
     for label, by_seed in results.items():
         for seed in args.seeds:
             for mode in modes:
-                print(f"  {label:<26} seed {seed} {mode:<10}: "
+                print(f"  {label:<{width - 2}} seed {seed} {mode:<10}: "
                       + "  ".join(f"{by_seed[seed][mode][s]:.3f}" for s in args.score_steps))
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "flags": args.flags, "seeds": args.seeds,
