@@ -350,7 +350,7 @@ def main() -> None:
     print(f"\nheld-out {key} ({args.held_out} examples), mean (min-max) over seeds {args.seeds}; toy base, "
           f"{args.train_examples} {args.task} examples, flags: {args.flags}")
     modes = list(next(iter(next(iter(results.values())).values())))
-    width = max(len("program"), *map(len, results)) + 2  # a long variant name keeps its own column
+    width = max(26, *map(len, results)) + 2  # 28 as before; a longer variant name widens the column
     print(f"{'program':<{width}}{'sampled with':<14}" + "".join(f"{'step ' + str(s):>20}" for s in args.score_steps)
           + f"{'train wall s':>14}{'>= ' + format(args.target, 'g') + ' at step':>22}")
     for label, by_seed in results.items():
