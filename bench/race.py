@@ -4,7 +4,9 @@
 
 A user who switches changes the program name and nothing else, so both get the same flags (batch 16, lr 1e-5,
 no validation, one checkpoint at the end) and each keeps its own defaults for the rest: zeroconv's latent cache,
-channels_last rule and fused optimizer are on by default; that is what the race measures. Per config, N pairs
+channels_last rule, fused optimizer and `--mixed_precision auto` (bf16 where the hardware has bf16 matmuls: a GPU,
+or a CPU with AVX512-BF16/AMX from 256 px) are on by default, where diffusers' script trains in fp32 unless told;
+that is what the race measures. Per config, N pairs
 run one after the other, the order alternating (peer first, then zeroconv first: a drifting machine favours
 neither), each program in a fresh process with the same environment: the caller's, as a user runs them
 (OMP_WAIT_POLICY is not forced as in bench/learn_race.py). Per run: the whole-process wall time (from
@@ -17,7 +19,8 @@ Configs (bases built in code, random weights, by zeroconv.bench.build_base; Fill
 - base256: a 3-level UNet (64/128/256 channels, zeroconv bench's "small"), 256 px training on data stored at
   512 px: the proportions of SD 1.5 (512 px training, 8x latent grid 64) on Fill50K, at a CPU's scale.
 - sd15 (for a GPU): SD 1.5's shape (860M UNet, SD's VAE, a 12-layer CLIP), random weights, 512 px training on
-  512 px data; add `--extra "--mixed_precision bf16"` to race in bf16 (both programs take accelerate's flag).
+  512 px data; add `--extra "--mixed_precision bf16"` to race both in bf16 (both programs take accelerate's flag),
+  rather than zeroconv's default against the peer's.
   It is refused without CUDA: one step of it takes minutes on a CPU. The GPU race, on a machine with diffusers'
   script beside it:
 

@@ -499,9 +499,13 @@ class TrainConfig:
         120, "Minutes a process waits at a collective (while the main process validates or writes a checkpoint) "
         "before the run fails (kohya's flag and unit). torch's own default is 10 to 30 minutes, which a long "
         "validation of a large base can exceed on the other GPUs.")
-    mixed_precision: str | None = option(
-        None, "Mixed precision: no, fp16 or bf16 (default: accelerate's config). fp16 falls back to fp32 on CPU "
-        "with a warning.", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = option(
+        "auto", "Mixed precision: auto, no (fp32), fp16 or bf16. auto takes accelerate's setting where `accelerate "
+        "launch` or its config gives one; else bf16 where the hardware has bf16 matmuls (a CUDA GPU from Ampere on; "
+        "a CPU with AVX512-BF16 or AMX from --resolution 256 up, where it measured 1.6x faster per step, "
+        "bench/RESULTS.md) and fp32 elsewhere. The ControlNet keeps fp32 master weights; the frozen base runs in "
+        "the chosen precision. fp16 falls back to fp32 on CPU with a warning.",
+        choices=["auto", "no", "fp16", "bf16"])
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact).")
     enable_xformers_memory_efficient_attention: bool = option(
         False, "Use xformers attention; without xformers (or on CPU) zeroconv warns and uses PyTorch SDPA.")

@@ -19,6 +19,8 @@ def tiny_config(base, data, out, **overrides) -> TrainConfig:
         # one resumed to more steps, and cubic_then_uniform switches at a fraction of --max_train_steps (tested on
         # its own in tests/models/test_noise.py and tests/train/test_recipe.py)
         timestep_sampling="uniform",
+        # fp32 on any machine: --mixed_precision auto takes bf16 on a GPU, and the exact comparisons need fp32
+        mixed_precision="no",
     )
     values.update(overrides)
     return TrainConfig(**values)

@@ -149,3 +149,23 @@ def test_condition_on_the_fly_and_controllability_curve(tiny_base, tmp_path):
         "step-000000.png", "step-000002.png", "step-000004.png"]
     summary = json.loads((out / "train_summary.json").read_text())["controllability"]["edge_f1"]
     assert summary["baseline"] == curve[0]["validation/edge_f1"] and summary["final_step"] == 4
+
+
+def test_bf16_validation_samples_with_the_fp32_controlnet_beside_the_bf16_base(tiny_base, tmp_path):
+    """--mixed_precision bf16 (auto's choice on a GPU, and on a bf16 CPU from 256 px): the frozen base in bf16,
+    the ControlNet in fp32; validation samples both, which failed inside the UNet's group norms before its
+    residuals were cast to the base's dtype."""
+    import numpy as np
+    from PIL import Image
+
+    from zeroconv.testing import make_image_dataset
+
+    data = make_image_dataset(tmp_path / "data", n=4, size=64, layout="kohya")
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_base, data, out, max_train_steps=2, mixed_precision="bf16", validation_steps=2,
+                      validation_image=[str(next((data / "conditioning").glob("*.png")))],
+                      validation_prompt=["a red square"], num_validation_images=1, validation_inference_steps=2)
+    assert run_training(cfg) == 0
+    grids = sorted((out / "validation").glob("*.png"))
+    assert [p.name for p in grids] == ["step-000002.png"]
+    assert np.asarray(Image.open(grids[-1])).std() > 0  # sampled, not a blank image

@@ -44,12 +44,12 @@ def make_accelerator(cfg: TrainConfig, tracking: bool = True):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     if not tracking:
-        return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+        return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.resolution))
     # DDP waits for a gradient of every parameter unless told some may have none: --only_mid_control leaves the
     # down-block zero convs out of the loss, and a union step may leave out a condition type's parts
     unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.only_mid_control or bool(union_columns(cfg)))
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.resolution),
         # the other processes wait at a barrier while the main one validates: give them --ddp_timeout, not torch's
         kwargs_handlers=[unused, InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.ddp_timeout))],
         log_with=tracker_names(cfg.report_to) or None,

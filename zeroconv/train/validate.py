@@ -6,6 +6,7 @@ inside a forked RNG so a run with validation resumes to the same weights as one 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -56,11 +57,38 @@ def warn_blank(samples: list[list[Image.Image]], step: int) -> int:
     return blank
 
 
+@contextlib.contextmanager
+def residuals_in(controlnet, dtype: torch.dtype):
+    """The ControlNet's residuals cast to the frozen denoiser's dtype while sampling, as the training step casts
+    them (models.dtypes.input_dtype): a pipeline adds them to the denoiser's activations as they come, and fp32
+    residuals turn a bf16 UNet's activations fp32, which CPU group norms with bf16 weights refuse."""
+    if dtype == torch.float32:
+        yield
+        return
+
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype) if value.is_floating_point() else value
+        if isinstance(value, dict):  # diffusers' output classes are ordered dicts
+            return type(value)(**{key: cast(item) for key, item in value.items()})
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(item) for item in value)
+        return value
+
+    handle = controlnet.register_forward_hook(lambda module, args, output: cast(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_validation(t, step: int, controlnet) -> dict[str, float]:
     """Grid PNG + tracker image + controllability metrics for the current weights, sampled with `controlnet` (the
     unwrapped live module, or under DeepSpeed/FSDP its gathered copy: TrainingRun.full_controlnet). Never raises."""
     try:
-        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []), torch.no_grad():
+        # under autocast, as the step: the ControlNet's fp32 weights meet the frozen base's bf16/fp16 activations
+        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []), torch.no_grad(), \
+                t.accelerator.autocast(), residuals_in(controlnet, next(t.unet.parameters()).dtype):
             return _run_validation(t, step, controlnet)
     except Exception as exc:  # noqa: BLE001 - validation must never kill a run
         logger.error("validation at step %d failed, training goes on: %s: %s", step, type(exc).__name__, exc)
