@@ -7,6 +7,7 @@ in a second, not after minutes of loading.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from zeroconv.models.locate import check_base_arg
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_output_dir(output_dir: str) -> None:
+    # Every process of a launch probes the same folder at once: a probe with one shared name was unlinked by one
+    # process while another wrote it (ENOENT read as "cannot write"), so each probe is a unique temporary file.
     path = Path(output_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".zeroconv-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".zeroconv-write-test-"):
+            pass
     except OSError as exc:
         raise UserError(f"--output_dir {output_dir}: cannot write there ({exc.strerror}); pick a writable folder") \
             from None
