@@ -18,6 +18,7 @@ from PIL import Image
 from zeroconv.config import union_columns, validation_condition_types
 from zeroconv.data.transforms import load_condition
 from zeroconv.evaluate.grid import make_grid
+from zeroconv.models.dtypes import input_dtype
 
 logger = logging.getLogger("zeroconv.validate")
 
@@ -58,17 +59,13 @@ def warn_blank(samples: list[list[Image.Image]], step: int) -> int:
 
 
 @contextlib.contextmanager
-def residuals_in(controlnet, dtype: torch.dtype):
-    """The ControlNet's residuals cast to the frozen denoiser's dtype while sampling, as the training step casts
-    them (models.dtypes.input_dtype): a pipeline adds them to the denoiser's activations as they come, and fp32
-    residuals turn a bf16 UNet's activations fp32, which CPU group norms with bf16 weights refuse."""
-    if dtype == torch.float32:
-        yield
-        return
-
+def residuals_in(controlnet, denoiser):
+    """The ControlNet's residuals cast to the frozen denoiser's dtype while sampling, by the rule the training step
+    casts them with (models.dtypes.input_dtype): a pipeline adds them to the denoiser's activations as they come, and
+    fp32 residuals turn a bf16 UNet's activations fp32, which CPU group norms with bf16 weights refuse."""
     def cast(value):
         if isinstance(value, torch.Tensor):
-            return value.to(dtype) if value.is_floating_point() else value
+            return value.to(input_dtype(denoiser, value)) if value.is_floating_point() else value
         if isinstance(value, dict):  # diffusers' output classes are ordered dicts
             return type(value)(**{key: cast(item) for key, item in value.items()})
         if isinstance(value, (list, tuple)):
@@ -86,9 +83,11 @@ def run_validation(t, step: int, controlnet) -> dict[str, float]:
     """Grid PNG + tracker image + controllability metrics for the current weights, sampled with `controlnet` (the
     unwrapped live module, or under DeepSpeed/FSDP its gathered copy: TrainingRun.full_controlnet). Never raises."""
     try:
-        # under autocast, as the step: the ControlNet's fp32 weights meet the frozen base's bf16/fp16 activations
+        # Under autocast, as the step: the pipeline hands the fp32 ControlNet the base's bf16/fp16 latents and
+        # prompt embeddings. CPU convolutions accept that mix (the bf16 validation test passes without autocast),
+        # CUDA's refuse it. Autocast does not cast the residuals the base adds, hence residuals_in as well.
         with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []), torch.no_grad(), \
-                t.accelerator.autocast(), residuals_in(controlnet, next(t.unet.parameters()).dtype):
+                t.accelerator.autocast(), residuals_in(controlnet, t.unet):
             return _run_validation(t, step, controlnet)
     except Exception as exc:  # noqa: BLE001 - validation must never kill a run
         logger.error("validation at step %d failed, training goes on: %s: %s", step, type(exc).__name__, exc)
