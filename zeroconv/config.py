@@ -516,10 +516,11 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the ControlNet (slow first steps, faster after); falls back to "
                            "eager with a warning where compilation fails.")
     channels_last: bool | None = option(
-        None, "Keep the ControlNet and UNet weights in channels_last memory format. Unset (the default, 'auto'): on "
-        "when the latent grid is at least 32x32 (e.g. SD at 256 px and up), where it measured faster on CPU "
-        "(bench/RESULTS.md), off for smaller grids such as the tiny and toy bases at 64 px, where it did not. The VAE "
-        "keeps the default layout either way, so a latent cache matches the live VAE exactly.")
+        None, "Keep the ControlNet and UNet weights in channels_last memory format. Unset (the default, 'auto'): "
+        "each part by the grid it runs on, on from 32x32, where it measured faster on CPU (bench/RESULTS.md): all of "
+        "both when the latent grid is at least 32x32 (e.g. SD at 256 px and up); on smaller latent grids, such as "
+        "the tiny and toy bases at 64 px, only the ControlNet's condition encoder, which runs on the condition's "
+        "pixels. The VAE keeps the default layout either way, so a latent cache matches the live VAE exactly.")
     # --- validation and logging --------------------------------------------------------------------------------
     validation_prompt: list[str] | None = option(
         None, "Prompts for validation; pair one-to-one with --validation_image, or give one for all.")

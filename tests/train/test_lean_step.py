@@ -1,22 +1,39 @@
 """Lean-step choices of zeroconv.train.run: the channels_last auto rule and the AdamW implementation."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from zeroconv.config import TrainConfig, parse
-from zeroconv.train.setup import adamw_implementation, use_channels_last
+from zeroconv.train.setup import adamw_implementation, channels_last_modules
 
 
 @pytest.mark.parametrize("requested, resolution, factor, expected", [
-    (None, 256, 8, True),    # 32x32 latents: on
-    (None, 512, 8, True),
-    (None, 64, 8, False),    # tiny base: 8x8
-    (None, 64, 4, False),    # toy base: 16x16
-    (True, 64, 8, True),     # an explicit flag wins
-    (False, 512, 8, False),
+    (None, 256, 8, "all"),          # 32x32 latents: the whole ControlNet and UNet
+    (None, 512, 8, "all"),
+    (None, 64, 8, "encoder"),       # tiny base: 8x8 latents, the condition encoder on 64x64 pixels
+    (None, 64, 4, "encoder"),       # toy base: 16x16 latents
+    (None, 16, 8, "none"),          # nothing runs on a 32x32 grid
+    (True, 64, 8, "all"),           # an explicit flag wins
+    (False, 512, 8, "none"),
 ])
-def test_channels_last_auto_rule(requested, resolution, factor, expected):
-    assert use_channels_last(requested, resolution, factor) is expected
+def test_channels_last_auto_rule_judges_each_part_by_its_grid(requested, resolution, factor, expected):
+    from zeroconv.models.families import get_family
+
+    controlnet, unet = SimpleNamespace(controlnet_cond_embedding="encoder"), "unet"
+    base = SimpleNamespace(vae_scale_factor=factor, family=get_family("sd"))
+    chosen = channels_last_modules(requested, resolution, base, controlnet, unet)
+    assert chosen == {"all": [controlnet, unet], "encoder": ["encoder"], "none": []}[expected]
+
+
+def test_channels_last_auto_leaves_a_latent_conditioned_controlnet_alone_on_small_grids():
+    """SD3 and Flux read the condition as VAE latents: no part of theirs runs on the pixel grid."""
+    from zeroconv.models.families import get_family
+
+    for family in ("sd3", "flux"):
+        base = SimpleNamespace(vae_scale_factor=8, family=get_family(family))
+        assert channels_last_modules(None, 64, base, SimpleNamespace(), "transformer") == []
 
 
 def test_channels_last_flag_spellings():

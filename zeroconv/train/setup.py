@@ -236,15 +236,22 @@ def compile_controlnet(controlnet) -> None:
         logger.warning("--compile: torch.compile unavailable (%s: %s); training uncompiled", type(exc).__name__, exc)
 
 
-CHANNELS_LAST_MIN_LATENT = 32
+CHANNELS_LAST_MIN_GRID = 32
 
 
-def use_channels_last(requested: bool | None, resolution: int, vae_scale_factor: int) -> bool:
-    """--channels_last as given, or when unset ("auto") on for latent grids of at least 32x32: on CPU it measured
-    faster there (the 3-level base at 256 px) and not on 8x8 or 16x16 grids (the tiny and toy bases at 64 px)."""
+def channels_last_modules(requested: bool | None, resolution: int, base, controlnet, unet) -> list:
+    """The modules --channels_last puts in channels_last: all of the ControlNet and UNet when given; unset ("auto"),
+    each part judged by the grid it runs on, on from 32x32. On CPU it measured faster there (the 3-level base at
+    256 px: latent grids of 32x32) and not on 8x8 or 16x16 latent grids (the tiny and toy bases at 64 px), where
+    the ControlNet's condition encoder still runs on the 64x64 pixels: channels_last made it 1.3-1.5x faster
+    forward and backward, the tiny base's whole step 1.15x (bench/RESULTS.md)."""
     if requested is not None:
-        return requested
-    return resolution // vae_scale_factor >= CHANNELS_LAST_MIN_LATENT
+        return [controlnet, unet] if requested else []
+    if resolution // base.vae_scale_factor >= CHANNELS_LAST_MIN_GRID:
+        return [controlnet, unet]
+    if resolution >= CHANNELS_LAST_MIN_GRID:
+        return base.family.pixel_grid_modules(controlnet)
+    return []
 
 
 def make_optimizer(cfg: TrainConfig, controlnet_params: list, decoder_params: list, lr_scale: float):
@@ -421,9 +428,8 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         if module_dtype != torch.float32:
             module.to(dtype=module_dtype)
     controlnet.to(accelerator.device)
-    if use_channels_last(cfg.channels_last, cfg.resolution, base.vae_scale_factor):
-        for module in (controlnet, unet):
-            module.to(memory_format=torch.channels_last)
+    for module in channels_last_modules(cfg.channels_last, cfg.resolution, base, controlnet, unet):
+        module.to(memory_format=torch.channels_last)
 
     lr_scale = (cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
                 if cfg.scale_lr else 1.0)

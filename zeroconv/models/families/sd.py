@@ -126,6 +126,9 @@ class StableDiffusion:
 
         return ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
 
+    def pixel_grid_modules(self, controlnet) -> list:
+        return [controlnet.controlnet_cond_embedding]  # ControlNetModel's and ControlNetUnionModel's alike
+
     def encode_condition(self, base: Base, condition: torch.Tensor, generator,
                          control_types: torch.Tensor | None = None) -> torch.Tensor:
         """What the ControlNet reads of the condition image ([0, 1] pixels): the pixels themselves, which its

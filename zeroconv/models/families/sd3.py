@@ -145,6 +145,9 @@ class StableDiffusion3:
 
         return SD3ControlNetModel.from_pretrained(path, cache_dir=cache_dir, torch_dtype=dtype)
 
+    def pixel_grid_modules(self, controlnet) -> list:
+        return []  # the condition enters as VAE latents (Flux's too): every part runs on the latent grid
+
     def encode_condition(self, base: Base, condition: torch.Tensor, generator) -> torch.Tensor:
         """The ControlNet's input: the condition's VAE latents, a posterior sample (as the SD3 script and
         pipeline), (z - shift) * scale, from pixels mapped to [-1, 1] as the pipeline's image processor does.
