@@ -515,6 +515,12 @@ class TrainConfig:
     set_grads_to_none: bool = option(False, "Free gradients between steps instead of zeroing them (saves memory).")
     compile: bool = option(False, "torch.compile the ControlNet (slow first steps, faster after); falls back to "
                            "eager with a warning where compilation fails.")
+    keep_freed_host_memory: bool | None = option(
+        None, "Keep the host memory a training step frees for the next step, instead of glibc handing it back to "
+        "the OS at each free and the next step faulting it in again as new pages (zeroconv/train/host_memory.py). "
+        "Unset (the default, 'auto'): on when training on the CPU, where it measured 1.3-1.5x faster steps on the "
+        "tiny base (bench/RESULTS.md); off on a GPU, whose tensors CUDA's caching allocator keeps already. Needs "
+        "glibc; elsewhere a notice and nothing changes.")
     channels_last: bool | None = option(
         None, "Keep the ControlNet and UNet weights in channels_last memory format. Unset (the default, 'auto'): "
         "each part by the grid it runs on, on from 32x32, where it measured faster on CPU (bench/RESULTS.md): all of "

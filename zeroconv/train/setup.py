@@ -24,6 +24,7 @@ from zeroconv.errors import UserError
 from zeroconv.models.base import Base
 from zeroconv.models.dtypes import resolve_mixed_precision, weight_dtype
 from zeroconv.models.noise import NoiseRecipe
+from zeroconv.train.host_memory import keep_freed_host_memory
 from zeroconv.train.preflight import Checked, check_disk_space, tracker_names
 
 logger = logging.getLogger("zeroconv.train")
@@ -378,6 +379,7 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
 
     accelerator = make_accelerator(cfg)
     check_launch(accelerator)
+    keep_freed_host_memory(cfg.keep_freed_host_memory, accelerator.device.type)
     check_engine_flags(cfg, accelerator)
     seed = run_seed(cfg)
     set_seed(seed)
