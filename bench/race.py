@@ -114,6 +114,7 @@ def main() -> None:
                 if code != 0:
                     raise SystemExit(f"{program} failed (exit {code}); see {work / f'{name}-{program}-{pair}.log'}")
                 row = {"wall_s": wall, "peak_rss_mib": rss}
+                print(f"{name} pair {pair + 1}: {program} {wall:.1f} s, peak RSS {rss} MiB", file=sys.stderr, flush=True)
                 if program == "zeroconv":
                     summary = json.loads((out / "train_summary.json").read_text())
                     row["split_s"] = summary.get("seconds", {})
