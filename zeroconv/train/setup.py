@@ -244,8 +244,8 @@ def channels_last_modules(requested: bool | None, resolution: int, base, control
     """The modules --channels_last puts in channels_last: all of the ControlNet and UNet when given; unset ("auto"),
     each part judged by the grid it runs on, on from 32x32. On CPU it measured faster there (the 3-level base at
     256 px: latent grids of 32x32) and not on 8x8 or 16x16 latent grids (the tiny and toy bases at 64 px), where
-    the ControlNet's condition encoder still runs on the 64x64 pixels: channels_last made it 1.3-1.5x faster
-    forward and backward, the tiny base's whole step 1.15x (bench/RESULTS.md)."""
+    the ControlNet's condition encoder still runs on the 64x64 pixels: channels_last made it 1.2-1.6x faster
+    forward and backward, and the tiny base's steps 1.2-1.5x in whole runs (bench/RESULTS.md)."""
     if requested is not None:
         return [controlnet, unet] if requested else []
     if resolution // base.vae_scale_factor >= CHANNELS_LAST_MIN_GRID:
