@@ -430,8 +430,13 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         if module_dtype != torch.float32:
             module.to(dtype=module_dtype)
     controlnet.to(accelerator.device)
-    for module in channels_last_modules(cfg.channels_last, cfg.resolution, base, controlnet, unet):
-        module.to(memory_format=torch.channels_last)
+    # FSDP refuses parameters that are not contiguous ("does not support non-contiguous parameters"), which
+    # channels_last weights are: a sharded run keeps the default layout
+    if engine_name(accelerator) != "FSDP":
+        for module in channels_last_modules(cfg.channels_last, cfg.resolution, base, controlnet, unet):
+            module.to(memory_format=torch.channels_last)
+    elif cfg.channels_last:
+        logger.warning("--channels_last: FSDP shards contiguous parameters only; training in the default layout")
 
     lr_scale = (cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
                 if cfg.scale_lr else 1.0)
