@@ -519,8 +519,8 @@ class TrainConfig:
         None, "Keep the host memory a training step frees for the next step, instead of glibc handing it back to "
         "the OS at each free and the next step faulting it in again as new pages (zeroconv/train/host_memory.py). "
         "Unset (the default, 'auto'): on when training on the CPU, where the tiny base's steps measured 1.0-1.3x "
-        "faster in whole runs, with 2.5x fewer page faults (bench/RESULTS.md); off on a GPU, whose tensors CUDA's caching allocator keeps already. Needs "
-        "glibc; elsewhere a notice and nothing changes.")
+        "faster in whole runs, with 2.5x fewer page faults (bench/RESULTS.md); off on a GPU, whose tensors "
+        "CUDA's caching allocator keeps already. Needs glibc; elsewhere a notice and nothing changes.")
     channels_last: bool | None = option(
         None, "Keep the ControlNet and UNet weights in channels_last memory format. Unset (the default, 'auto'): "
         "each part by the grid it runs on, on from 32x32, where it measured faster on CPU (bench/RESULTS.md): all of "
