@@ -36,6 +36,20 @@ def test_channels_last_auto_leaves_a_latent_conditioned_controlnet_alone_on_smal
         assert channels_last_modules(None, 64, base, SimpleNamespace(), "transformer") == []
 
 
+def test_channels_last_is_never_chosen_under_fsdp_and_an_explicit_flag_is_warned(caplog):
+    """FSDP refuses non-contiguous parameters: the auto rule and the flag both give way, the flag with a warning."""
+    from zeroconv.models.families import get_family
+
+    controlnet, unet = SimpleNamespace(controlnet_cond_embedding="encoder"), "unet"
+    base = SimpleNamespace(vae_scale_factor=8, family=get_family("sd"))
+    assert channels_last_modules(None, 512, base, controlnet, unet, "FSDP") == []
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="zeroconv.train"):
+        assert channels_last_modules(True, 512, base, controlnet, unet, "FSDP") == []
+    assert "FSDP" in caplog.text and "--channels_last" in caplog.text
+    assert channels_last_modules(None, 512, base, controlnet, unet, "DeepSpeed") == [controlnet, unet]
+
+
 def test_channels_last_flag_spellings():
     assert TrainConfig().channels_last is None
     assert parse(TrainConfig, ["--channels_last"], prog="zeroconv train").channels_last is True

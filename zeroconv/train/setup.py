@@ -240,12 +240,19 @@ def compile_controlnet(controlnet) -> None:
 CHANNELS_LAST_MIN_GRID = 32
 
 
-def channels_last_modules(requested: bool | None, resolution: int, base, controlnet, unet) -> list:
-    """The modules --channels_last puts in channels_last: all of the ControlNet and UNet when given; unset ("auto"),
-    each part judged by the grid it runs on, on from 32x32. On CPU it measured faster there (the 3-level base at
-    256 px: latent grids of 32x32) and not on 8x8 or 16x16 latent grids (the tiny and toy bases at 64 px), where
-    the ControlNet's condition encoder still runs on the 64x64 pixels: channels_last made it 1.2-1.6x faster
-    forward and backward, and the tiny base's steps 1.2-1.5x in whole runs (bench/RESULTS.md)."""
+def channels_last_modules(requested: bool | None, resolution: int, base, controlnet, unet,
+                          engine: str | None = None) -> list:
+    """The modules --channels_last puts in channels_last. None under FSDP, which refuses parameters that are not
+    contiguous ("does not support non-contiguous parameters"), as channels_last weights are not. Otherwise all of
+    the ControlNet and UNet when given; unset ("auto"), each part judged by the grid it runs on, on from 32x32. On
+    CPU it measured faster there (the 3-level base at 256 px: latent grids of 32x32) and not on 8x8 or 16x16
+    latent grids (the tiny and toy bases at 64 px), where the ControlNet's condition encoder still runs on the
+    64x64 pixels: channels_last made it 1.2-1.6x faster forward and backward, and the tiny base's steps 1.2-1.5x
+    in whole runs (bench/RESULTS.md)."""
+    if engine == "FSDP":
+        if requested:
+            logger.warning("--channels_last: FSDP shards contiguous parameters only; training in the default layout")
+        return []
     if requested is not None:
         return [controlnet, unet] if requested else []
     if resolution // base.vae_scale_factor >= CHANNELS_LAST_MIN_GRID:
@@ -430,13 +437,9 @@ def build_parts(cfg: TrainConfig, checked: Checked, evaluator: Callable | None =
         if module_dtype != torch.float32:
             module.to(dtype=module_dtype)
     controlnet.to(accelerator.device)
-    # FSDP refuses parameters that are not contiguous ("does not support non-contiguous parameters"), which
-    # channels_last weights are: a sharded run keeps the default layout
-    if engine_name(accelerator) != "FSDP":
-        for module in channels_last_modules(cfg.channels_last, cfg.resolution, base, controlnet, unet):
-            module.to(memory_format=torch.channels_last)
-    elif cfg.channels_last:
-        logger.warning("--channels_last: FSDP shards contiguous parameters only; training in the default layout")
+    for module in channels_last_modules(cfg.channels_last, cfg.resolution, base, controlnet, unet,
+                                        engine_name(accelerator)):
+        module.to(memory_format=torch.channels_last)
 
     lr_scale = (cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
                 if cfg.scale_lr else 1.0)
