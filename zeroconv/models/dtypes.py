@@ -54,9 +54,14 @@ def resolve_mixed_precision(requested: str | None, resolution: int) -> str:
     return requested
 
 
-def input_dtype(denoiser, inputs: torch.Tensor) -> torch.dtype:
-    """The dtype the frozen denoiser's inputs are cast to: its weights' (a half-precision base), else the inputs'
-    own. Read from a parameter, so a DDP-wrapped denoiser (`--sd_locked false` on several processes), which has no
-    .dtype, is read the same."""
+def denoiser_input_cast(denoiser) -> torch.dtype | None:
+    """The dtype the frozen denoiser's inputs are cast to: its weights' for a half-precision base, None (inputs
+    kept as they come) for an fp32 one. Read from a parameter, so a DDP-wrapped denoiser (`--sd_locked false` on
+    several processes), which has no .dtype, is read the same."""
     weights = next(denoiser.parameters()).dtype
-    return inputs.dtype if weights == torch.float32 else weights
+    return None if weights == torch.float32 else weights
+
+
+def input_dtype(denoiser, inputs: torch.Tensor) -> torch.dtype:
+    """The dtype `inputs` enter the frozen denoiser in (denoiser_input_cast)."""
+    return denoiser_input_cast(denoiser) or inputs.dtype

@@ -18,7 +18,7 @@ from PIL import Image
 from zeroconv.config import union_columns, validation_condition_types
 from zeroconv.data.transforms import load_condition
 from zeroconv.evaluate.grid import make_grid
-from zeroconv.models.dtypes import input_dtype
+from zeroconv.models.dtypes import denoiser_input_cast
 
 logger = logging.getLogger("zeroconv.validate")
 
@@ -61,11 +61,17 @@ def warn_blank(samples: list[list[Image.Image]], step: int) -> int:
 @contextlib.contextmanager
 def residuals_in(controlnet, denoiser):
     """The ControlNet's residuals cast to the frozen denoiser's dtype while sampling, by the rule the training step
-    casts them with (models.dtypes.input_dtype): a pipeline adds them to the denoiser's activations as they come, and
-    fp32 residuals turn a bf16 UNet's activations fp32, which CPU group norms with bf16 weights refuse."""
+    casts them with (models.dtypes.denoiser_input_cast): a pipeline adds them to the denoiser's activations as they
+    come, and fp32 residuals turn a bf16 UNet's activations fp32, which CPU group norms with bf16 weights refuse.
+    An fp32 denoiser takes the residuals as they come, so no hook is installed."""
+    target = denoiser_input_cast(denoiser)
+    if target is None:
+        yield
+        return
+
     def cast(value):
         if isinstance(value, torch.Tensor):
-            return value.to(input_dtype(denoiser, value)) if value.is_floating_point() else value
+            return value.to(target) if value.is_floating_point() else value
         if isinstance(value, dict):  # diffusers' output classes are ordered dicts
             return type(value)(**{key: cast(item) for key, item in value.items()})
         if isinstance(value, (list, tuple)):
