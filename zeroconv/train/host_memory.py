@@ -5,10 +5,10 @@ fresh mapping, and at each free hands the top of its heap above the trim thresho
 training step allocates and frees the same activation buffers every step, so each step faults them in again as
 new pages, which the kernel zeroes first. On the tiny base at 64 px (4 MiB activations in the condition encoder
 at batch 16) keeping them made an isolated step loop 1.3-1.7x faster and whole runs' steps 1.0-1.3x, with 2.5x
-fewer page faults (bench/RESULTS.md). Raising both thresholds keeps the freed
-memory for the next step: what preloading jemalloc or tcmalloc does, and what PyTorch's CPU tuning guides
-recommend. Peak RSS stays that of the step's own working set: memory is kept, not added. A GPU step's tensors
-live in CUDA's caching allocator already, so this is for CPU training only.
+fewer page faults (bench/RESULTS.md). Raising both thresholds keeps the freed memory for the next step: what
+preloading jemalloc or tcmalloc does, and what PyTorch's CPU tuning guides recommend. Peak RSS stays that of the
+step's own working set: memory is kept, not added. A GPU step's tensors live in CUDA's caching allocator already,
+so this is for CPU training only.
 """
 
 from __future__ import annotations
